@@ -1,0 +1,396 @@
+"""YOLO training that is offline by construction and mixes synthetic images by a ratio, not a count.
+
+Naively concatenating real and synthetic image lists makes the synthetic share of every batch
+whatever the file counts happen to be (10x more synthetic files -> 90% synthetic batches), which
+is known to hurt. `RatioDetectionTrainer` instead samples every batch with the requested share of
+synthetic images, and defines an epoch as one pass over the real images, so arms with and
+without synthetic data see the real data equally often.
+
+The data.yaml contract (written by `synthgen augment-dataset` or `write_data_yaml`): besides the
+usual `train`/`val`/`names`, optional `train_real` and `train_synthetic` (image list files or
+folders, relative to `path`) and `synthetic_ratio` (0..1). The ratio lives in data.yaml so that it
+survives ultralytics' DDP re-launch, which rebuilds the trainer from its arguments only.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("YOLO_OFFLINE", "1")  # read by ultralytics at import: no DNS/online checks
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import yaml  # noqa: E402
+from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
+
+from synthgen.errors import ConfigError, SynthgenError  # noqa: E402
+from synthgen.io_utils import atomic_write, write_json  # noqa: E402
+
+
+class DetectorTrainError(SynthgenError):
+    """Training inputs (model, data.yaml, image lists) are missing or inconsistent."""
+
+
+# ---------------------------------------------------------------------------------------------
+# offline guard
+_PATCHED = False
+
+
+def local_font() -> Path:
+    """A TTF that ships with matplotlib: ultralytics would otherwise download Arial.ttf."""
+    import matplotlib
+
+    return Path(matplotlib.get_data_path()) / "fonts" / "ttf" / "DejaVuSans.ttf"
+
+
+def make_ultralytics_offline() -> None:
+    """Patch the few ultralytics calls that reach the network or write into input datasets.
+
+    - fonts: `check_font` (dataset check and plotting) resolves to a local matplotlib font;
+    - AMP check: downloads a reference model; on CUDA we trust bf16/fp16 autocast instead;
+    - label caches: ultralytics writes `labels.cache` beside the user's labels; we never modify an
+      input dataset, so the cache is not saved (labels are re-scanned, which is cheap);
+    - events/hub sync are off because YOLO_OFFLINE is set before ultralytics is imported.
+    Idempotent; called by the trainer itself so DDP worker processes are patched too."""
+    global _PATCHED
+    if _PATCHED:
+        return
+    import ultralytics.data.dataset as u_dataset
+    import ultralytics.data.utils as u_data_utils
+    import ultralytics.engine.trainer as u_trainer
+    import ultralytics.utils.checks as u_checks
+    import ultralytics.utils.plotting as u_plotting
+
+    def _font(font: str = "Arial.ttf") -> Path:
+        return local_font()
+
+    def _amp(model: Any) -> bool:
+        return next(model.parameters()).device.type == "cuda"
+
+    def _no_cache(prefix: str, path: Path, x: dict, version: str) -> None:
+        x["version"] = version  # what ultralytics' saver sets in place; nothing is written
+
+    u_checks.check_font = _font
+    u_data_utils.check_font = _font
+    u_plotting.check_font = _font
+    u_trainer.check_amp = _amp
+    u_dataset.save_dataset_cache_file = _no_cache
+    _PATCHED = True
+
+
+# ---------------------------------------------------------------------------------------------
+# ratio sampler
+class RatioSampler(torch.utils.data.Sampler[int]):
+    """Yields indices in batch-sized blocks, each with `ratio` synthetic images (stochastically
+    rounded per batch, exact on average); real and synthetic pools are each walked through
+    shuffled permutations so every image is used before any repeats.
+
+    Epoch length: real images / (1 - ratio) (every real image about once per epoch); with
+    ratio 1 (synthetic only) the synthetic pool size. DDP: each of `world_size` ranks takes a
+    disjoint share of each permutation and `len/world_size` samples; `set_epoch` reseeds like
+    `DistributedSampler`."""
+
+    def __init__(
+        self,
+        is_synthetic: Sequence[bool],
+        ratio: float,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        num_samples: int | None = None,
+    ):
+        flags = np.asarray(is_synthetic, dtype=bool)
+        self.real = np.flatnonzero(~flags)
+        self.synth = np.flatnonzero(flags)
+        if not 0.0 <= ratio <= 1.0:
+            raise ConfigError(f"synthetic ratio must be in [0, 1], got {ratio}")
+        if ratio > 0 and len(self.synth) == 0:
+            raise DetectorTrainError(f"synthetic ratio {ratio} requested but no synthetic images were found")
+        if ratio < 1 and len(self.real) == 0:
+            raise DetectorTrainError(f"synthetic ratio {ratio} needs real images but none were found")
+        self.ratio, self.batch_size = float(ratio), int(batch_size)
+        self.seed, self.rank, self.world_size, self.epoch = seed, rank, world_size, 0
+        total = num_samples or (len(self.synth) if ratio >= 1 else math.ceil(len(self.real) / (1 - ratio)))
+        self.num_samples = math.ceil(total / world_size)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def _stream(self, pool: np.ndarray, rng: np.random.Generator):
+        """Endless shuffled walk over this rank's share of `pool` (whole pool if it is tiny)."""
+        while True:
+            perm = pool[rng.permutation(len(pool))]
+            share = perm[self.rank :: self.world_size] if len(perm) >= self.world_size else perm
+            yield from share
+
+    def __iter__(self):
+        # same permutation on every rank (shared seed), disjoint shares; batch mix differs per rank
+        rng_pool = np.random.default_rng([self.seed, self.epoch])
+        rng_mix = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        real = self._stream(self.real, np.random.default_rng(rng_pool.integers(1 << 62))) if len(self.real) else None
+        synth = (
+            self._stream(self.synth, np.random.default_rng(rng_pool.integers(1 << 62))) if len(self.synth) else None
+        )
+        left = self.num_samples
+        while left > 0:
+            b = min(self.batch_size, left)
+            want = self.ratio * b
+            k = int(math.floor(want)) + int(rng_mix.random() < want - math.floor(want))
+            batch = [int(next(synth)) for _ in range(k)] + [int(next(real)) for _ in range(b - k)]
+            rng_mix.shuffle(batch)
+            yield from batch
+            left -= b
+
+
+def _list_files(entry: str | Path, root: Path) -> list[str]:
+    """Image paths of a list file or folder, resolved the way ultralytics resolves them."""
+    p = Path(entry)
+    p = p if p.is_absolute() else root / p
+    if p.is_dir():
+        return [str(x) for x in p.rglob("*.*")]
+    if not p.is_file():
+        raise DetectorTrainError(f"image list {p} (from data.yaml) does not exist")
+    out = []
+    for line in p.read_text(encoding="utf-8-sig").splitlines():
+        line = line.strip()
+        if line:
+            out.append(line.replace("./", str(p.parent) + os.sep, 1) if line.startswith("./") else line)
+    return out
+
+
+def _norm(p: str) -> str:
+    return os.path.normpath(os.path.abspath(p))
+
+
+def _trainer_class():
+    from ultralytics.data.build import InfiniteDataLoader, seed_worker
+    from ultralytics.models.yolo.detect import DetectionTrainer
+    from ultralytics.utils import RANK
+    from ultralytics.utils.torch_utils import torch_distributed_zero_first
+
+    class RatioDetectionTrainer(DetectionTrainer):
+        """DetectionTrainer whose training loader draws batches with a fixed synthetic share."""
+
+        def __init__(self, *args: Any, **kwargs: Any):
+            make_ultralytics_offline()
+            super().__init__(*args, **kwargs)
+
+        def get_dataloader(self, dataset_path, batch_size=16, rank=0, mode="train"):
+            ratio = self.data.get("synthetic_ratio")
+            if mode != "train" or ratio is None or "train_synthetic" not in self.data:
+                return super().get_dataloader(dataset_path, batch_size, rank, mode)
+            root = Path(self.data.get("path") or ".")
+            synth = {_norm(p) for p in _list_files(self.data["train_synthetic"], root)}
+            with torch_distributed_zero_first(rank):
+                dataset = self.build_dataset(dataset_path, mode, batch_size)
+            flags = [_norm(f) in synth for f in dataset.im_files]
+            world = int(os.environ.get("WORLD_SIZE", 1)) if rank != -1 else 1
+            sampler = RatioSampler(
+                flags, float(ratio), batch_size, seed=int(self.args.seed), rank=max(rank, 0), world_size=world
+            )
+            nw = min(os.cpu_count() or 1, self.args.workers)
+            gen = torch.Generator()
+            gen.manual_seed(int(self.args.seed) + max(RANK, 0))
+            return InfiniteDataLoader(
+                dataset=dataset,
+                batch_size=batch_size,
+                shuffle=False,
+                sampler=sampler,
+                num_workers=nw,
+                prefetch_factor=4 if nw > 0 else None,
+                pin_memory=torch.cuda.is_available(),
+                collate_fn=getattr(dataset, "collate_fn", None),
+                worker_init_fn=seed_worker,
+                generator=gen,
+            )
+
+    return RatioDetectionTrainer
+
+
+def __getattr__(name: str):
+    """`RatioDetectionTrainer` is built lazily so importing this module does not import ultralytics."""
+    if name == "RatioDetectionTrainer":
+        return _trainer_class()
+    raise AttributeError(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# config + entry point
+class DetectorTrainConfig(BaseModel):
+    """What `synthgen train-detector` needs; the benchmark uses one of these for every arm so all
+    arms share schedule, image size and augmentation."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field("yolov8n.yaml", description="ultralytics model yaml (scratch) or a local .pt")
+    data: str | None = Field(None, description="data.yaml (set by the CLI or the benchmark)")
+    imgsz: int = 640
+    epochs: int = 100
+    batch: int = 16
+    seed: int = 0
+    device: str = Field("auto", description="auto | cpu | 0 | 0,1 (several GPUs: DDP)")
+    workers: int = 4
+    patience: int = 50
+    synthetic_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    amp: bool = True  # only used on CUDA
+    overrides: dict[str, Any] = Field(default_factory=dict, description="extra ultralytics train args")
+
+    @field_validator("model")
+    @classmethod
+    def _model_ok(cls, v: str) -> str:
+        if v.endswith(".pt") and not Path(v).is_file():
+            raise ValueError(
+                f"weights {v} not found; training runs offline: give a local .pt path or a model yaml "
+                "such as yolov8n.yaml to train from scratch"
+            )
+        return v
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> DetectorTrainConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+            return cls(**raw)
+        except (yaml.YAMLError, ValueError, TypeError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+def _ultra_device(device: str) -> str:
+    if device == "auto":
+        return "0" if torch.cuda.is_available() else "cpu"
+    if device != "cpu" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return device
+
+
+def write_data_yaml(
+    path: str | Path,
+    names: Sequence[str],
+    train_real: str | Path,
+    val: str | Path,
+    train_synthetic: str | Path | None = None,
+    synthetic_ratio: float | None = None,
+    test: str | Path | None = None,
+) -> Path:
+    """Write an ultralytics data.yaml (absolute paths) in the contract above."""
+    d: dict[str, Any] = {"path": str(Path(path).parent.resolve()), "names": dict(enumerate(names))}
+    d["train"] = [str(train_real)] + ([str(train_synthetic)] if train_synthetic else [])
+    d["train_real"] = str(train_real)
+    if train_synthetic:
+        d["train_synthetic"] = str(train_synthetic)
+        d["synthetic_ratio"] = synthetic_ratio
+    d["val"] = str(val)
+    if test:
+        d["test"] = str(test)
+    with atomic_write(path) as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    return Path(path)
+
+
+def _prepare_data(cfg: DetectorTrainConfig, out_dir: Path) -> str:
+    """Apply --synthetic-ratio to the data.yaml: writes a derived copy in out_dir, never edits the input."""
+    src = Path(cfg.data or "")
+    if not src.is_file():
+        raise DetectorTrainError(f"data.yaml {src} not found")
+    try:
+        d = yaml.safe_load(src.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise DetectorTrainError(f"{src}: not valid YAML ({e})") from e
+    if not isinstance(d, dict) or "names" not in d or "val" not in d:
+        raise DetectorTrainError(f"{src}: needs at least 'names', 'train' and 'val'")
+    root = Path(d.get("path") or ".")
+    root = root if root.is_absolute() else (src.parent / root).resolve()
+    ratio = cfg.synthetic_ratio if cfg.synthetic_ratio is not None else d.get("synthetic_ratio")
+    if ratio is None or "train_synthetic" not in d:
+        if cfg.synthetic_ratio is not None and "train_synthetic" not in d:
+            raise DetectorTrainError(f"{src}: --synthetic-ratio needs a 'train_synthetic' image list in data.yaml")
+        d["path"] = str(root)
+    else:
+        real = d.get("train_real", d.get("train"))
+        d.update(path=str(root), train=[real, d["train_synthetic"]], train_real=real, synthetic_ratio=float(ratio))
+    out = out_dir / "data.yaml"
+    with atomic_write(out) as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    return str(out)
+
+
+def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool = True) -> Path:
+    """Train (or resume, or skip if finished) a YOLO detector into `out_dir`; returns best.pt.
+
+    `out_dir/done.json` marks a finished run; `weights/last.pt` without it resumes the run."""
+    out_dir = Path(out_dir).resolve()
+    done = out_dir / "done.json"
+    best = out_dir / "weights" / "best.pt"
+    if done.is_file() and best.is_file():
+        return best
+    make_ultralytics_offline()
+    from ultralytics.utils import LOGGER
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data = _prepare_data(cfg, out_dir)
+    device = _ultra_device(cfg.device)
+    last = out_dir / "weights" / "last.pt"
+    on_cuda = device != "cpu"
+    args = dict(
+        model=cfg.model,
+        data=data,
+        imgsz=cfg.imgsz,
+        epochs=cfg.epochs,
+        batch=cfg.batch,
+        seed=cfg.seed,
+        deterministic=True,
+        device=device,
+        workers=cfg.workers,
+        patience=cfg.patience,
+        project=str(out_dir.parent),
+        name=out_dir.name,
+        exist_ok=True,
+        plots=False,
+        amp=cfg.amp and on_cuda,
+        verbose=verbose,
+        **cfg.overrides,
+    )
+    if last.is_file():
+        args = {"model": str(last), "resume": str(last)} | {k: args[k] for k in ("data", "device", "workers")}
+    trainer_cls = _trainer_class()
+    level = LOGGER.level
+    if not verbose:
+        LOGGER.setLevel(40)
+    try:
+        trainer = trainer_cls(overrides=args)
+        trainer.train()
+    finally:
+        LOGGER.setLevel(level)
+    if not best.is_file():
+        raise DetectorTrainError(f"training finished without {best}")
+    export_safetensors(best)
+    write_json(done, {"best": str(best), "config": cfg.model_dump()})
+    return best
+
+
+def export_safetensors(pt: str | Path) -> Path:
+    """Save a YOLO checkpoint's weights as safetensors with the model yaml and class names in
+    the metadata, so it can be loaded without unpickling (see `detection.infer.load_model`)."""
+    import json
+
+    from safetensors.torch import save_file
+    from ultralytics.nn.tasks import load_checkpoint
+
+    model, _ = load_checkpoint(str(pt), device="cpu")
+    state = {k: v.detach().contiguous().float() for k, v in model.state_dict().items()}
+    out = Path(pt).with_suffix(".safetensors")
+    meta = {"yaml": json.dumps(model.yaml), "names": json.dumps({int(k): v for k, v in model.names.items()})}
+    tmp = out.with_name(f".{out.name}.tmp")
+    save_file(state, str(tmp), metadata=meta)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,259 @@
+"""results.json -> report.md + self-contained report.html (plots embedded) that answers plainly:
+did synthetic data help, and at the goal fraction does real + synthgen beat real-only by the goal
+margin and beat copy-paste? If not, it names what holds it back."""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from detection.metrics import paired_differences
+from synthgen.benchmark.config import ARMS
+from synthgen.io_utils import atomic_write, write_json
+
+METRICS = ["map50", "map50_95", "precision", "recall", "f1", "count_mae"]
+
+
+def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean and sample std over seeds per arm and fraction."""
+    g = runs.groupby(["arm", "fraction"])
+    agg = g[METRICS].agg(["mean", "std"])
+    agg.columns = [f"{m}_{s}" for m, s in agg.columns]
+    return agg.assign(seeds=g.size()).reset_index()
+
+
+def per_taxon(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean AP50 per taxon, arm and fraction."""
+    rows = []
+    for r in runs.itertuples():
+        for taxon, ap in (r.ap50_per_class or {}).items():
+            rows.append({"arm": r.arm, "fraction": r.fraction, "taxon": taxon, "ap50": ap})
+    df = pd.DataFrame(rows, columns=["arm", "fraction", "taxon", "ap50"])
+    return df.groupby(["taxon", "arm", "fraction"]).ap50.mean().reset_index()
+
+
+def verdict(results: dict, runs: pd.DataFrame, diffs: pd.DataFrame) -> list[str]:
+    """Plain sentences: the goal check and, if it fails, the reasons we can see in the data."""
+    cfg = results["config"]
+    goal_f, gain = cfg["goal_fraction"], cfg["goal_map50_gain"]
+    skipped = results.get("skipped_arms", {})
+    lines = []
+    fracs = sorted(runs.fraction.unique()) if len(runs) else []
+    f = min(fracs, key=lambda x: abs(x - goal_f)) if fracs else goal_f
+    d = diffs[(diffs.fraction == f)].set_index("arm") if len(diffs) else pd.DataFrame()
+    if "synthgen" in skipped or "synthgen" not in d.index:
+        why = skipped.get("synthgen", "no runs of the synthgen arm")
+        lines.append(f"**Not answered:** the real + synthgen arm was not run ({why}). "
+                     "Only the arms below were measured; no claim about synthetic data is made.")
+    else:
+        syn = d.loc["synthgen"]
+        ok_gain = syn.mean_diff >= gain
+        cp = d.loc["copy_paste"].mean_diff if "copy_paste" in d.index else None
+        ok_cp = cp is not None and syn.mean_diff > cp
+        lines.append(
+            f"At {f:.0%} of the real data, real + synthgen vs real-only: {syn.mean_diff * 100:+.1f} mAP50 points "
+            f"(paired over {int(syn.n_pairs)} seeds, sd {syn.std_diff * 100:.1f}, better in {int(syn.wins)}). "
+            f"Goal (>= {gain * 100:.0f} points): **{'met' if ok_gain else 'not met'}**."
+        )
+        if cp is None:
+            lines.append("Copy-paste arm not measured, so the generator's own contribution is not isolated.")
+        else:
+            lines.append(f"Real + copy-paste vs real-only: {cp * 100:+.1f} points; real + synthgen "
+                         f"{'beats' if ok_cp else 'does not beat'} copy-paste.")
+        helped = (diffs[diffs.arm == "synthgen"].mean_diff > 0).any()
+        lines.append(f"**Did synthetic data help?** {'Yes, at some fractions' if helped else 'No'}: see the "
+                     "paired-difference table.")
+        if not (ok_gain and ok_cp):
+            lines.append("What holds it back (from these numbers): " + "; ".join(_limits(results, runs)))
+    return lines
+
+
+def _limits(results: dict, runs: pd.DataFrame) -> list[str]:
+    s = results["config"]["scales"][results["scale"]]
+    out = []
+    det = s["detector"]
+    if det["epochs"] < 30:
+        out.append(f"detectors trained for only {det['epochs']} epochs at {det['imgsz']} px (scale "
+                   f"'{results['scale']}'): every arm is far from convergence, so differences are mostly noise")
+    sd = runs.groupby(["arm", "fraction"]).map50.std().mean()
+    if sd == sd and sd > 0.03:
+        out.append(f"seed-to-seed spread of mAP50 ({sd * 100:.1f} points) is as large as the effect sought")
+    if results.get("skipped_arms"):
+        out.append("arms not run: " + ", ".join(sorted(results["skipped_arms"])))
+    return out or ["no single cause visible in these aggregates; inspect per-taxon AP and the example tiles"]
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def plots(agg: pd.DataFrame, taxa: pd.DataFrame, examples: list[str], names: list[str]) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    out = {}
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for arm, g in agg.groupby("arm"):
+        g = g.sort_values("fraction")
+        ax.errorbar(g.fraction, g.map50_mean, yerr=g.map50_std.fillna(0), marker="o", capsize=3,
+                    label=ARMS.get(arm, arm))
+    ax.set_xscale("log")
+    ax.set_xlabel("fraction of real training data")
+    ax.set_ylabel("mAP50 (mean ± sd over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    out["map_vs_fraction.png"] = _png(fig)
+
+    if len(taxa):
+        f0 = taxa.fraction.min()
+        t = taxa[taxa.fraction == f0].pivot(index="taxon", columns="arm", values="ap50")
+        fig, ax = plt.subplots(figsize=(7, 4))
+        t.plot.bar(ax=ax)
+        ax.set_ylabel(f"AP50 at {f0:.0%} real")
+        ax.legend(fontsize=8)
+        out["per_taxon_ap.png"] = _png(fig)
+
+    if examples:
+        from PIL import Image, ImageDraw
+
+        fig, axes = plt.subplots(1, len(examples), figsize=(3 * len(examples), 3))
+        for ax, p in zip(np.atleast_1d(axes), examples, strict=False):
+            im = Image.open(p).convert("RGB")
+            lab = Path(str(p).replace("/images/", "/labels/")).with_suffix(".txt")
+            if lab.is_file():
+                dr = ImageDraw.Draw(im)
+                for line in lab.read_text().splitlines():
+                    v = line.split()
+                    if len(v) == 5:
+                        _, cx, cy, w, h = (float(x) for x in v)
+                        W, H = im.size
+                        dr.rectangle([(cx - w / 2) * W, (cy - h / 2) * H, (cx + w / 2) * W, (cy + h / 2) * H],
+                                     outline=(255, 0, 0), width=2)
+            ax.imshow(im)
+            ax.axis("off")
+        out["example_synthetic_tiles.png"] = _png(fig)
+    return out
+
+
+def _md_table(df: pd.DataFrame) -> str:
+    cols = list(df.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for r in df.itertuples(index=False):
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r) + " |")
+    return "\n".join(lines)
+
+
+def write_report(results: dict, out: str | Path) -> Path:
+    """Write results.json, report.md (+ PNGs beside it) and a self-contained report.html."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "results.json", results)
+    runs = pd.DataFrame(results["runs"])
+    cfg = results["config"]
+    names = results["split"]["names"]
+    if len(runs):
+        agg = aggregate(runs)
+        diffs = pd.concat([paired_differences(runs, m).assign(metric=m) for m in ("map50", "map50_95")])
+        taxa = per_taxon(runs)
+    else:
+        agg, diffs, taxa = pd.DataFrame(), pd.DataFrame(columns=["arm", "fraction", "mean_diff"]), pd.DataFrame()
+    v = verdict(results, runs, diffs[diffs.metric == "map50"] if len(diffs) else diffs)
+    imgs = plots(agg, taxa, results.get("example_tiles", []), names) if len(agg) else {}
+    for k, b in imgs.items():
+        with atomic_write(out / k, "wb") as f:
+            f.write(b)
+
+    sp = results["split"]
+    scale = cfg["scales"][results["scale"]]
+    det = scale["detector"]
+    md = [f"# Benchmark `{results['name']}` (scale `{results['scale']}`)", "", *v, "",
+          "## Protocol",
+          f"- Dataset `{cfg['dataset']}`. Test set: the given `{cfg['test_split']}` split "
+          f"({sp['counts'].get('test', 0)} real images, {sp['groups']['test']} groups), never seen by the "
+          "generator, the judge or any detector.",
+          f"- `{cfg['train_split']}` divided by group (pattern `{cfg['group_pattern']}`) into train "
+          f"({sp['counts'].get('train', 0)} images / {sp['groups']['train']} groups) and validation for early "
+          f"stopping ({sp['counts'].get('val', 0)} / {sp['groups']['val']}); "
+          f"{sp['leaked_groups_dropped']} train images whose group is in the test split were dropped.",
+          f"- Real fractions {scale['fractions']} drawn by group, stratified by rarest taxon, seeds {scale['seeds']}"
+          " (nested across fractions for one seed). Generators see only their cell's real training images.",
+          f"- Detector `{det['model']}`, {det['epochs']} epochs, imgsz {det['imgsz']}, batch {det['batch']}, the "
+          f"same for every arm; synthetic share of each batch {scale['synthetic_ratio']} (arms 2, 3).",
+          f"- Metrics on the test set: COCO-style mAP50 / mAP50-95 (own evaluator), P/R/F1 at IoU 0.4 and "
+          f"count error per image at score >= {scale['operating_conf']}.",
+          f"- The hidden test splits of the dataset are the final judge; nothing was tuned on `{cfg['test_split']}`.",
+          ""]
+    if results.get("skipped_arms"):
+        md += ["## Arms not run", *[f"- {ARMS.get(a, a)}: {why}" for a, why in results["skipped_arms"].items()], ""]
+    if len(agg):
+        md += ["## Results (mean and sd over seeds)", _md_table(agg.round(4)), "",
+               "## Paired differences against real-only (same fraction and seed)",
+               _md_table(diffs[["metric", "arm", "fraction", "mean_diff", "std_diff", "n_pairs", "wins"]]
+                         .round(4)) if len(diffs) else "(only the real-only arm was run)", ""]
+        t = taxa.pivot_table(index=["taxon", "fraction"], columns="arm", values="ap50").reset_index().round(4)
+        rare = cfg.get("rare_taxa") or []
+        md += ["## Per-taxon AP50 (mean over seeds)", _md_table(t[~t.taxon.isin(rare)]), ""]
+        if rare:
+            md += ["### Rare taxa (reported apart)", _md_table(t[t.taxon.isin(rare)]), ""]
+    md += [f"![{k}]({k})" for k in imgs] + ["", f"Stages run {results['stages']['ran']}, cached "
+                                               f"{results['stages']['cached']}."]
+    text = "\n".join(md) + "\n"
+    with atomic_write(out / "report.md") as f:
+        f.write(text)
+    _write_html(text, imgs, out / "report.html")
+    return out / "report.md"
+
+
+def _write_html(md: str, imgs: dict[str, bytes], path: Path) -> None:
+    """Minimal markdown -> HTML (headings, lists, tables, bold, images inlined as base64)."""
+    import re
+
+    body, table = [], []
+
+    def flush_table() -> None:
+        if table:
+            rows = [r.strip("|").split("|") for r in table if not r.startswith("|---")]
+            head, *rest = rows
+            body.append("<table><tr>" + "".join(f"<th>{html.escape(c.strip())}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in r) + "</tr>"
+                                  for r in rest) + "</table>")
+            table.clear()
+
+    for line in md.splitlines():
+        if line.startswith("|"):
+            table.append(line)
+            continue
+        flush_table()
+        m = re.match(r"!\[(.*)\]\((.*)\)", line)
+        if m and m.group(2) in imgs:
+            b64 = base64.b64encode(imgs[m.group(2)]).decode()
+            body.append(f'<img alt="{m.group(1)}" src="data:image/png;base64,{b64}"/>')
+            continue
+        esc = html.escape(line)
+        esc = re.sub(r"\*\*(.+?)\*\*", r"<b>\1</b>", esc)
+        esc = re.sub(r"`(.+?)`", r"<code>\1</code>", esc)
+        if line.startswith("#"):
+            n = len(line) - len(line.lstrip("#"))
+            body.append(f"<h{n}>{esc[n:].strip()}</h{n}>")
+        elif line.startswith("- "):
+            body.append(f"<li>{esc[2:]}</li>")
+        elif line.strip():
+            body.append(f"<p>{esc}</p>")
+    flush_table()
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto}table{border-collapse:collapse}"
+             "td,th{border:1px solid #ccc;padding:2px 6px;font-size:12px}img{max-width:100%}")
+    with atomic_write(path) as f:
+        f.write(f"<!doctype html><html><head><meta charset='utf-8'><style>{style}</style></head><body>"
+                + "\n".join(body) + "</body></html>\n")

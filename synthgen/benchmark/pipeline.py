@@ -89,7 +89,7 @@ class Benchmark:
 
     def subset(self, split_key: str, fraction: float, seed: int) -> tuple[str, Path]:
         key = stage_hash("subset", split_key, fraction, seed)
-        name = f"cells/f{fraction:g}-s{seed}/real"
+        name = f"cells/f{fraction:g}-s{seed}/subset"
         sdir = self.work / "split"
 
         def build(d: Path) -> dict:

@@ -41,6 +41,81 @@ app.add_typer(data_app, name="data")
 
 
 # --- train-detector / detect / benchmark ----------------------------------------------------
+@app.command("train-detector")
+def train_detector_cmd(
+    data: Path = typer.Option(..., help="data.yaml (train_real/train_synthetic lists enable --synthetic-ratio)"),
+    out: Path = typer.Option(..., help="run folder: weights/best.pt, best.safetensors, done.json"),
+    config: Path | None = typer.Option(None, help="detector YAML (configs/detector/*.yaml); flags override it"),
+    model: str | None = typer.Option(None, help="model yaml (from scratch) or a local .pt"),
+    imgsz: int | None = typer.Option(None),
+    epochs: int | None = typer.Option(None),
+    batch: int | None = typer.Option(None),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto | cpu | 0 | 0,1"),
+    synthetic_ratio: float | None = typer.Option(None, help="synthetic share of every batch, 0..1"),
+) -> None:
+    """Train a YOLO detector offline; the synthetic share of each batch is set by a ratio."""
+    from detection.train import DetectorTrainConfig, train_detector
+    from synthgen.errors import SynthgenError
+
+    try:
+        base = DetectorTrainConfig.from_yaml(config) if config else DetectorTrainConfig()
+        flags = dict(model=model, imgsz=imgsz, epochs=epochs, batch=batch, seed=seed, device=device,
+                     synthetic_ratio=synthetic_ratio)
+        cfg = DetectorTrainConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
+                                     | {"data": str(data)}))
+        best = train_detector(cfg, out)
+    except (SynthgenError, ValueError) as e:
+        _fail(e)
+    console.print(f"trained {cfg.model} for {cfg.epochs} epochs -> {best}")
+
+
+@app.command("detect")
+def detect_cmd(
+    model: Path = typer.Option(..., help="best.pt or best.safetensors from train-detector"),
+    source: Path = typer.Option(..., help="image, GeoTIFF or folder"),
+    out: Path = typer.Option(..., help="output folder (predictions.csv, predictions.coco.json, *.gpkg)"),
+    tile: int = typer.Option(640, help="tile size in pixels"),
+    overlap: float = typer.Option(0.2, help="tile overlap fraction"),
+    batch: int = typer.Option(8, help="tiles per forward pass"),
+    conf: float = typer.Option(0.25, help="score threshold"),
+    merge: str = typer.Option("nmm", help="merge of duplicates at tile borders: nmm | nms"),
+    merge_threshold: float = typer.Option(0.5, help="IoS (nmm) or IoU (nms) threshold"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Sliced inference over large frames and GeoTIFFs (CSV, COCO, GeoPackage in map coordinates)."""
+    from detection.infer import SliceConfig, detect
+    from synthgen.errors import SynthgenError
+
+    try:
+        cfg = SliceConfig(tile=tile, overlap=overlap, batch=batch, conf=conf, merge=merge,
+                          merge_threshold=merge_threshold)
+        s = detect(model, source, out, cfg, device=device)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(f"{s['detections']} detections in {s['images']} images -> {s['out']}")
+
+
+@app.command("benchmark")
+def benchmark_cmd(
+    config: Path = typer.Option(..., help="configs/benchmarks/NAME.yaml"),
+    scale: str = typer.Option("cpu", help="scale from the config: cpu | gpu"),
+    out: Path | None = typer.Option(None, help="report folder (default benchmarks/results/NAME)"),
+    work: Path | None = typer.Option(None, help="stage cache (default runs/benchmarks/NAME/SCALE)"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Run (or resume) the benchmark: does synthetic data beat real-only on real held-out images?"""
+    from synthgen.benchmark import run_benchmark
+    from synthgen.errors import SynthgenError
+
+    try:
+        res = run_benchmark(config, scale, out, work, device=device)
+    except SynthgenError as e:
+        _fail(e)
+    dest = out or Path("benchmarks/results") / res["name"]
+    console.print(f"{len(res['runs'])} detectors evaluated ({res['stages']['ran']} stages run, "
+                  f"{res['stages']['cached']} cached) -> {dest / 'report.md'}")
+
 
 
 if __name__ == "__main__":

@@ -92,7 +92,8 @@ class RatioSampler(torch.utils.data.Sampler[int]):
     Epoch length: real images / (1 - ratio) (every real image about once per epoch); with
     ratio 1 (synthetic only) the synthetic pool size. DDP: each of `world_size` ranks takes a
     disjoint share of each permutation and `len/world_size` samples; `set_epoch` reseeds like
-    `DistributedSampler`."""
+    `DistributedSampler`, and each pass advances the epoch itself (ultralytics only calls
+    `set_epoch` under DDP, and its loader re-iterates the sampler once per epoch)."""
 
     def __init__(
         self,
@@ -133,8 +134,9 @@ class RatioSampler(torch.utils.data.Sampler[int]):
 
     def __iter__(self):
         # same permutation on every rank (shared seed), disjoint shares; batch mix differs per rank
-        rng_pool = np.random.default_rng([self.seed, self.epoch])
-        rng_mix = np.random.default_rng([self.seed, self.epoch, self.rank, 1])
+        epoch, self.epoch = self.epoch, self.epoch + 1
+        rng_pool = np.random.default_rng([self.seed, epoch])
+        rng_mix = np.random.default_rng([self.seed, epoch, self.rank, 1])
         real = self._stream(self.real, np.random.default_rng(rng_pool.integers(1 << 62))) if len(self.real) else None
         synth = (
             self._stream(self.synth, np.random.default_rng(rng_pool.integers(1 << 62))) if len(self.synth) else None

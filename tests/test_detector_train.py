@@ -24,8 +24,9 @@ def test_ratio_sampler_exact_share_per_batch_and_epoch_length():
     real = [i for i in idx if i < 20]
     assert len(set(real)) == len(real)  # real images not repeated before the pool is used up
     assert list(RatioSampler(flags, 0.25, 8, seed=3)) == idx  # deterministic by seed
-    s.set_epoch(1)
-    assert list(s) != idx
+    assert list(s) != idx  # the next epoch reshuffles even without set_epoch (single process)
+    s.set_epoch(0)
+    assert list(s) == idx  # DDP: set_epoch pins the order on every rank
 
 
 def test_ratio_sampler_fractional_share_and_ddp_shards():

@@ -106,3 +106,19 @@ def test_missing_model_and_source_errors(tiny_model, tmp_path):
         detect(tmp_path / "none.pt", tmp_path, tmp_path / "o", progress=False)
     with pytest.raises(SynthgenError, match="does not exist"):
         detect(tiny_model, tmp_path / "missing.jpg", tmp_path / "o", progress=False)
+
+
+def test_cli_detect_and_train_detector_errors(tiny_model, geo, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["detect", "--model", str(tiny_model), "--source", str(geo / "OSBS_029.tif"),
+                                 "--out", str(tmp_path / "cli"), "--tile", "256", "--conf", "1e-7",
+                                 "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    assert "detections in 1 images" in r.output and (tmp_path / "cli" / "OSBS_029.gpkg").is_file()
+    r = CliRunner().invoke(app, ["train-detector", "--data", str(tmp_path / "missing.yaml"),
+                                 "--out", str(tmp_path / "t"), "--device", "cpu"])
+    out = " ".join(r.output.split())  # rich wraps long lines
+    assert r.exit_code == 1 and "missing.yaml not found" in out and "Traceback" not in out

@@ -330,15 +330,23 @@ def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool 
     """Train (or resume, or skip if finished) a YOLO detector into `out_dir`; returns best.pt.
 
     `out_dir/done.json` marks a finished run; `weights/last.pt` without it resumes the run."""
+    import json
+
     out_dir = Path(out_dir).resolve()
-    done = out_dir / "done.json"
+    done, started = out_dir / "done.json", out_dir / "config.json"
     best = out_dir / "weights" / "best.pt"
+    wanted = cfg.model_dump(mode="json", exclude={"device", "workers"})
+    if started.is_file() and json.loads(started.read_text()) != wanted:
+        raise DetectorTrainError(
+            f"{out_dir} holds a run with a different config ({started}); use another output folder"
+        )
     if done.is_file() and best.is_file():
         return best
     make_ultralytics_offline()
     from ultralytics.utils import LOGGER
 
     out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(started, wanted)
     data = _prepare_data(cfg, out_dir)
     device = _ultra_device(cfg.device)
     last = out_dir / "weights" / "last.pt"

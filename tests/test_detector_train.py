@@ -102,6 +102,8 @@ def test_train_detector_offline_with_ratio(tiny_lists, tmp_path, monkeypatch, aq
     # finished runs are skipped (no retraining): the marker short-circuits
     mtime = best.stat().st_mtime
     assert train_detector(cfg, out, verbose=False) == best and best.stat().st_mtime == mtime
+    with pytest.raises(SynthgenError, match="different config"):  # never silently reuse another schedule
+        train_detector(cfg.model_copy(update={"epochs": 2}), out, verbose=False)
 
 
 def test_missing_weights_message_is_actionable(tmp_path):

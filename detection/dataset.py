@@ -1,0 +1,745 @@
+"""The canonical detection table and the format readers/writers around it.
+
+Every format (YOLO detect/OBB + data.yaml, COCO JSON, Pascal VOC XML, DeepForest CSV, vector boxes
+over a GeoTIFF) reads into one `DetectionDataset` and writes back out of it, so the rest of the
+pipeline never sees a format. Image sizes come from file headers (fast); full decoding only with
+`verify=True`. Bad input raises `DataError` naming the file and line, or with `on_error="skip"`
+the offending image is left out and listed in `ds.problems`. Inputs are only ever read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+import pandas as pd
+import yaml
+
+from detection.errors import DataError
+from detection.geo import map_to_pixel_boxes, pixel_to_map_boxes, read_georef
+from synthgen.io_utils import atomic_write, write_json
+
+IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+VECTOR_EXT = {".gpkg": "GPKG", ".geojson": "GeoJSON", ".shp": "ESRI Shapefile"}
+IMAGE_COLUMNS = ["image_path", "width", "height", "split", "source"]
+BOX_COLUMNS = ["image_path", "xmin", "ymin", "xmax", "ymax", "label", "taxon", "obb", "geometry", "source",
+               "split"]
+DETECT_TOL = 0.02  # normalised coordinates may overshoot [0, 1] by this much (rounding in exporters)
+OBB_TOL = 0.1  # rotated corners of edge objects legitimately fall outside the image (seals: -0.045..1.042)
+SPLIT_ALIASES = {"valid": "val", "validation": "val"}
+OnError = Literal["raise", "skip"]
+Format = Literal["yolo", "yolo-obb", "coco", "voc", "csv", "vector"]
+
+
+@dataclass
+class DetectionDataset:
+    """Images and boxes as two DataFrames (columns in IMAGE_COLUMNS / BOX_COLUMNS), class names in
+    id order, and the inputs skipped with on_error="skip" (dicts: file, line, reason)."""
+
+    images: pd.DataFrame
+    boxes: pd.DataFrame
+    names: list[str]
+    problems: list[dict] = field(default_factory=list)
+    root: str | None = None
+    fmt: str | None = None
+
+    @property
+    def splits(self) -> list[str]:
+        order = {"train": 0, "val": 1, "test": 2}
+        return sorted(self.images.split.unique(), key=lambda s: (order.get(s, 3), s))
+
+    def subset(self, split: str | None = None, images: list[str] | None = None) -> DetectionDataset:
+        """A copy restricted to one split and/or a list of image paths (tests, chips, benchmarks)."""
+        im = self.images if split is None else self.images[self.images.split == split]
+        if images is not None:
+            im = im[im.image_path.isin(set(images))]
+        keep = set(im.image_path)
+        bx = self.boxes[self.boxes.image_path.isin(keep)]
+        return DetectionDataset(im.reset_index(drop=True), bx.reset_index(drop=True), list(self.names),
+                                list(self.problems), self.root, self.fmt)
+
+
+class _Collector:
+    """Raise on the first problem, or (skip mode) remember it and tell the caller to drop the item."""
+
+    def __init__(self, on_error: OnError):
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+        self.on_error = on_error
+        self.problems: list[dict] = []
+
+    def fail(self, file: str | Path, line: int | None, reason: str) -> None:
+        where = f"{file}:{line}" if line else str(file)
+        if self.on_error == "raise":
+            raise DataError(f"{where}: {reason}", file=file, line=line, reason=reason)
+        self.problems.append({"file": str(file), "line": line, "reason": reason})
+
+
+def _split_name(s: str) -> str:
+    return SPLIT_ALIASES.get(s, s)
+
+
+def image_size(path: str | Path, verify: bool = False) -> tuple[int, int]:
+    """(width, height) from the header, EXIF rotation applied; `verify` decodes every pixel."""
+    from PIL import Image, UnidentifiedImageError
+
+    path = Path(path)
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
+            if verify:
+                im.load()
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: image not found", file=path, reason="image not found") from e
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
+        if path.suffix.lower() in (".tif", ".tiff") and not verify:
+            return _raster_size(path)
+        raise DataError(f"{path}: cannot read image ({e})", file=path, reason=f"cannot read image ({e})") from e
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
+
+
+def _raster_size(path: Path) -> tuple[int, int]:
+    """Size of a TIFF that PIL cannot open (e.g. 16-bit multiband GeoTIFFs) via rasterio."""
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(path) as src:
+            return src.width, src.height
+    except RasterioIOError as e:
+        raise DataError(f"{path}: cannot read image ({e})", file=path, reason="cannot read image") from e
+
+
+def _frames(images: list[dict], boxes: list[dict]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    im = pd.DataFrame(images, columns=IMAGE_COLUMNS)
+    im = im.astype({"width": int, "height": int}) if len(im) else im
+    bx = pd.DataFrame(boxes, columns=BOX_COLUMNS)
+    bx = bx.astype({c: float for c in ("xmin", "ymin", "xmax", "ymax")}) if len(bx) else bx
+    return im, bx
+
+
+def _add_image(col: _Collector, images: list[dict], path: Path, split: str, source: str, verify: bool,
+               size: tuple[int, int] | None = None) -> tuple[int, int] | None:
+    """Append the image row; None (after recording a problem in skip mode) when it is unreadable."""
+    try:
+        w, h = image_size(path, verify) if size is None or verify else size
+    except DataError as e:
+        col.fail(path, None, e.reason)
+        return None
+    images.append({"image_path": str(path.resolve()), "width": w, "height": h, "split": split, "source": source})
+    return w, h
+
+
+def _box(img: Path, x0, y0, x1, y1, label, split, source, obb=None, geometry=None, taxon=None) -> dict:
+    return {"image_path": str(img.resolve()), "xmin": x0, "ymin": y0, "xmax": x1, "ymax": y1, "label": label,
+            "taxon": taxon, "obb": obb, "geometry": geometry, "source": source, "split": split}
+
+
+# --- data.yaml ---------------------------------------------------------------------------------
+@dataclass
+class DataYaml:
+    """An Ultralytics data.yaml: dataset root (`path`), split entries and class names in id order."""
+
+    file: Path
+    root: Path
+    splits: dict[str, list[str]]
+    names: list[str]
+
+    def image_files(self, split: str) -> list[Path]:
+        """Images of a split: each entry is a folder (searched recursively) or a .txt list of images."""
+        files: list[Path] = []
+        for entry in self.splits[split]:
+            p = Path(entry) if Path(entry).is_absolute() else self.root / entry
+            if p.is_dir():
+                files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMG_EXT and f.is_file())
+            elif p.is_file() and p.suffix == ".txt":
+                for x in p.read_text(encoding="utf-8").splitlines():
+                    x = x.strip()
+                    if x:
+                        q = Path(x)
+                        files.append(q if q.is_absolute() else p.parent / q)
+            elif p.is_file() and p.suffix.lower() in IMG_EXT:
+                files.append(p)
+            else:
+                raise DataError(f"{self.file}: {split}: {entry!r} is not a folder, image list or image "
+                                f"(looked at {p})", file=self.file)
+        return files
+
+
+def read_data_yaml(path: str | Path) -> DataYaml:
+    """Parse data.yaml: `path` (relative to the file), train/val/test as str or list, names as dict or list."""
+    path = Path(path)
+    try:
+        d = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError as e:
+        raise DataError(f"{path}: not found", file=path) from e
+    except yaml.YAMLError as e:
+        line = e.problem_mark.line + 1 if getattr(e, "problem_mark", None) else None
+        raise DataError(f"{path}:{line}: not valid YAML ({getattr(e, 'problem', e)})", file=path, line=line) from e
+    if not isinstance(d, dict) or "names" not in d:
+        raise DataError(f"{path}: data.yaml needs a `names` mapping or list", file=path)
+    names = d["names"]
+    if isinstance(names, dict):
+        try:
+            ids = sorted(int(k) for k in names)
+        except (TypeError, ValueError) as e:
+            raise DataError(f"{path}: names keys must be integer class ids", file=path) from e
+        if ids != list(range(len(ids))):
+            raise DataError(f"{path}: names ids must be 0..{len(ids) - 1} without gaps, got {ids}", file=path)
+        names = [str(names.get(i, names.get(str(i)))) for i in ids]
+    elif isinstance(names, list):
+        names = [str(n) for n in names]
+    else:
+        raise DataError(f"{path}: names must be a dict {{id: name}} or a list", file=path)
+    if "nc" in d and int(d["nc"]) != len(names):
+        raise DataError(f"{path}: nc={d['nc']} but {len(names)} names", file=path)
+    root = Path(d.get("path") or ".")
+    root = root if root.is_absolute() else (path.parent / root)
+    splits = {}
+    for key in ("train", "val", "test"):
+        v = d.get(key)
+        if v:
+            splits[key] = [str(x) for x in v] if isinstance(v, list) else [str(v)]
+    if not splits:
+        raise DataError(f"{path}: no train/val/test entries", file=path)
+    return DataYaml(path, root.resolve(), splits, names)
+
+
+def save_data_yaml(path: str | Path, names: list[str], splits: dict[str, str | list[str]], root: str = ".") -> Path:
+    """Write an Ultralytics data.yaml atomically (names as an id -> name mapping)."""
+    d = {"path": root, **{k: v for k, v in splits.items()}, "names": dict(enumerate(names))}
+    with atomic_write(path) as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    return Path(path)
+
+
+# --- YOLO ----------------------------------------------------------------------------------------
+def label_path(image: Path) -> Path:
+    """Ultralytics convention: the last /images/ in the path becomes /labels/, suffix .txt."""
+    s = str(image)
+    sa, sb = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    if sa in s:
+        head, tail = s.rsplit(sa, 1)
+        return Path(head + sb + tail).with_suffix(".txt")
+    return image.with_suffix(".txt")
+
+
+def _sniff_obb(files: list[Path]) -> bool:
+    """True when the first non-empty label line has 9 fields (YOLO-OBB), False for 5 (detect)."""
+    for img in files:
+        lab = label_path(img)
+        if lab.is_file():
+            for line in lab.read_text(encoding="utf-8", errors="replace").splitlines():
+                if line.split():
+                    return len(line.split()) == 9
+    return False
+
+
+def _read_yolo(path: Path, col: _Collector, obb: bool | None, splits: list[str] | None,
+               verify: bool) -> DetectionDataset:
+    dy = read_data_yaml(path / "data.yaml" if path.is_dir() else path)
+    images: list[dict] = []
+    boxes: list[dict] = []
+    names = dy.names
+    files_by_split = {s: dy.image_files(s) for s in dy.splits if splits is None or s in splits}
+    if obb is None:
+        obb = _sniff_obb([f for fs in files_by_split.values() for f in fs])
+    nf, tol = (9, OBB_TOL) if obb else (5, DETECT_TOL)
+    form = "cls x1 y1 x2 y2 x3 y3 x4 y4" if obb else "cls cx cy w h"
+    for split, files in files_by_split.items():
+        for img in files:
+            lab = label_path(img)
+            rows = _parse_label_file(lab, col, names, nf, tol, form)
+            if rows is None:
+                continue
+            size = _add_image(col, images, img, split, str(lab), verify)
+            if size is None:
+                continue
+            w, h = size
+            for ln, v in rows:
+                if obb:
+                    xs, ys = np.array(v[1::2]) * w, np.array(v[2::2]) * h
+                    corners = tuple(float(c) for xy in zip(xs, ys, strict=True) for c in xy)
+                    x0, y0, x1, y1 = xs.min(), ys.min(), xs.max(), ys.max()
+                else:
+                    cx, cy, bw, bh = v[1] * w, v[2] * h, v[3] * w, v[4] * h
+                    corners, (x0, y0, x1, y1) = None, (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
+                x0, x1 = float(np.clip(x0, 0, w)), float(np.clip(x1, 0, w))
+                y0, y1 = float(np.clip(y0, 0, h)), float(np.clip(y1, 0, h))
+                boxes.append(_box(img, x0, y0, x1, y1, names[int(v[0])], split, f"{lab}:{ln}", obb=corners))
+    im, bx = _frames(images, boxes)
+    return DetectionDataset(im, bx, names, col.problems, str(dy.root), "yolo-obb" if obb else "yolo")
+
+
+def _parse_label_file(lab: Path, col: _Collector, names: list[str], nf: int, tol: float,
+                      form: str) -> list[tuple[int, list[float]]] | None:
+    """Validated (line number, values) of one label file; [] when missing/empty, None when skipped."""
+    if not lab.is_file():
+        return []
+    rows = []
+    for ln, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+        v = line.split()
+        if not v:
+            continue
+        if len(v) != nf:
+            col.fail(lab, ln, f"expected {nf} fields ({form}), got {len(v)}")
+            return None
+        try:
+            f = [float(x) for x in v]
+        except ValueError:
+            col.fail(lab, ln, f"non-numeric field in {line.strip()!r}")
+            return None
+        if f[0] != int(f[0]) or not 0 <= f[0] < len(names):
+            col.fail(lab, ln, f"class id {v[0]} not in data.yaml names (0..{len(names) - 1})")
+            return None
+        if nf == 5:
+            cx, cy, bw, bh = f[1:]
+            if bw <= 0 or bh <= 0:
+                col.fail(lab, ln, f"box width/height must be > 0, got {bw} {bh}")
+                return None
+            coords = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
+        else:
+            coords = f[1:]
+        bad = [c for c in coords if c < -tol or c > 1 + tol]
+        if bad:
+            col.fail(lab, ln, f"normalised coordinate {bad[0]:g} outside [0, 1] (tolerance {tol})")
+            return None
+        rows.append((ln, f))
+    return rows
+
+
+def _write_yolo(ds: DetectionDataset, out: Path, obb: bool, images: str) -> Path:
+    names = _all_names(ds)
+    cid = {n: i for i, n in enumerate(names)}
+    by_img = dict(tuple(ds.boxes.groupby("image_path")))
+    splits = {}
+    for split, group in ds.images.groupby("split", sort=False):
+        seen: set[str] = set()
+        for r in group.itertuples():
+            src = Path(r.image_path)
+            if src.name in seen:
+                raise DataError(f"{src}: two images named {src.name} in split {split}; YOLO folders need unique names",
+                                file=src)
+            seen.add(src.name)
+            dst = out / split / "images" / src.name
+            _place_image(src, dst, images)
+            lines = []
+            for b in by_img.get(r.image_path, pd.DataFrame()).itertuples():
+                if obb:
+                    c = b.obb if isinstance(b.obb, tuple | list) and len(b.obb) == 8 else (
+                        b.xmin, b.ymin, b.xmax, b.ymin, b.xmax, b.ymax, b.xmin, b.ymax)
+                    xy = [c[i] / (r.width if i % 2 == 0 else r.height) for i in range(8)]
+                    lines.append(f"{cid[b.label]} " + " ".join(f"{v:.6f}" for v in xy))
+                else:
+                    cx, cy = (b.xmin + b.xmax) / 2 / r.width, (b.ymin + b.ymax) / 2 / r.height
+                    bw, bh = (b.xmax - b.xmin) / r.width, (b.ymax - b.ymin) / r.height
+                    lines.append(f"{cid[b.label]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
+            with atomic_write(out / split / "labels" / f"{src.stem}.txt") as f:
+                f.write("".join(ln + "\n" for ln in lines))
+        splits[split] = f"{split}/images"
+    return save_data_yaml(out / "data.yaml", names, splits)
+
+
+def _place_image(src: Path, dst: Path, mode: str) -> None:
+    """Symlink (default) or copy an image into an output folder, atomically; the source is untouched."""
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    if dst.is_symlink() and Path(os.readlink(dst)) == src or (mode == "copy" and dst.is_file()):
+        return
+    tmp = dst.with_name(f".{dst.name}.tmp")
+    if tmp.is_symlink() or tmp.exists():
+        tmp.unlink()
+    if mode == "link":
+        try:
+            os.symlink(src, tmp)
+        except OSError:
+            shutil.copy2(src, tmp)  # filesystems without symlinks
+    elif mode == "copy":
+        shutil.copy2(src, tmp)
+    else:
+        raise ValueError(f"images must be 'link' or 'copy', not {mode!r}")
+    os.replace(tmp, dst)
+
+
+def _all_names(ds: DetectionDataset) -> list[str]:
+    extra = sorted(set(ds.boxes.label) - set(ds.names))
+    return list(ds.names) + extra
+
+
+# --- COCO ----------------------------------------------------------------------------------------
+def _resolve_image(name: str, base: Path, images_dir: Path | None) -> Path:
+    p = Path(name)
+    if p.is_absolute():
+        return p
+    for cand in ([images_dir / name, images_dir / p.name] if images_dir else []) + [base / name,
+                                                                                      base / "images" / name]:
+        if cand.exists():
+            return cand
+    return (images_dir or base) / name
+
+
+def _read_coco(path: Path, col: _Collector, split: str | None, images_dir: Path | None,
+               verify: bool) -> DetectionDataset:
+    files = sorted(path.glob("*.json")) if path.is_dir() else [path]
+    images: list[dict] = []
+    boxes: list[dict] = []
+    names: list[str] = []
+    for jf in files:
+        try:
+            d = json.loads(jf.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise DataError(f"{jf}:{e.lineno}: not valid JSON ({e.msg})", file=jf, line=e.lineno) from e
+        if not isinstance(d, dict) or not {"images", "annotations", "categories"} <= set(d):
+            raise DataError(f"{jf}: not a COCO file (needs images, annotations, categories)", file=jf)
+        cats = {c["id"]: str(c["name"]) for c in sorted(d["categories"], key=lambda c: c["id"])}
+        names += [n for n in cats.values() if n not in names]
+        sp = _split_name(split or (jf.stem if _split_name(jf.stem) in ("train", "val", "test") else "train"))
+        anns: dict = {}
+        for a in d["annotations"]:
+            anns.setdefault(a.get("image_id"), []).append(a)
+        for im in d["images"]:
+            img = _resolve_image(im["file_name"], jf.parent, images_dir)
+            size = (im["width"], im["height"]) if im.get("width") and im.get("height") else None
+            row_boxes, ok = [], True
+            for a in anns.get(im["id"], []):
+                where = f"annotation id {a.get('id')}"
+                bbox = a.get("bbox")
+                if not (isinstance(bbox, list) and len(bbox) == 4) or a.get("category_id") not in cats:
+                    col.fail(jf, None, f"{where}: needs bbox [x, y, w, h] and a category_id in categories")
+                    ok = False
+                    break
+                x, y, bw, bh = (float(v) for v in bbox)
+                if bw <= 0 or bh <= 0:
+                    col.fail(jf, None, f"{where}: bbox width/height must be > 0")
+                    ok = False
+                    break
+                row_boxes.append((x, y, x + bw, y + bh, cats[a["category_id"]], where))
+            if not ok:
+                continue
+            wh = _add_image(col, images, img, sp, str(jf), verify, size)
+            if wh is None:
+                continue
+            for x0, y0, x1, y1, lab, where in row_boxes:
+                boxes.append(_box(img, x0, y0, x1, y1, lab, sp, f"{jf}:{where}"))
+    im, bx = _frames(images, boxes)
+    return DetectionDataset(im, bx, names, col.problems, str(path), "coco")
+
+
+def _write_coco(ds: DetectionDataset, out: Path) -> Path:
+    names = _all_names(ds)
+    cid = {n: i for i, n in enumerate(names)}
+    for split, group in ds.images.groupby("split", sort=False):
+        img_id = {p: i for i, p in enumerate(group.image_path, 1)}
+        bx = ds.boxes[ds.boxes.image_path.isin(img_id)]
+        coco = {
+            "info": {"description": "written by synthgen"},
+            "images": [{"id": img_id[r.image_path], "file_name": r.image_path, "width": int(r.width),
+                        "height": int(r.height)} for r in group.itertuples()],
+            "categories": [{"id": i, "name": n, "supercategory": "none"} for n, i in cid.items()],
+            "annotations": [{"id": j, "image_id": img_id[b.image_path], "category_id": cid[b.label],
+                             "bbox": [b.xmin, b.ymin, b.xmax - b.xmin, b.ymax - b.ymin],
+                             "area": (b.xmax - b.xmin) * (b.ymax - b.ymin), "iscrowd": 0}
+                            for j, b in enumerate(bx.itertuples(), 1)],
+        }
+        write_json(out / f"{split}.json", coco)
+    return out
+
+
+# --- Pascal VOC ----------------------------------------------------------------------------------
+def _read_voc(path: Path, col: _Collector, split: str | None, images_dir: Path | None,
+              verify: bool) -> DetectionDataset:
+    if path.is_dir():
+        groups = {split or "train": sorted(path.glob("*.xml"))}
+        for sub in sorted(p for p in path.iterdir() if p.is_dir()):
+            if any(sub.glob("*.xml")):
+                groups[_split_name(sub.name)] = sorted(sub.glob("*.xml"))
+    else:
+        groups = {split or "train": [path]}
+    images: list[dict] = []
+    boxes: list[dict] = []
+    names: list[str] = []
+    for sp, files in groups.items():
+        for xf in files:
+            try:
+                root = ET.parse(xf).getroot()
+            except ET.ParseError as e:
+                col.fail(xf, e.position[0], f"not valid XML ({e})")
+                continue
+            fname = root.findtext("filename") or ""
+            given = root.findtext("path")
+            img = Path(given) if given and Path(given).is_file() else _resolve_image(fname, xf.parent, images_dir)
+            try:
+                sw, sh = int(float(root.findtext("size/width") or 0)), int(float(root.findtext("size/height") or 0))
+            except ValueError:
+                sw = sh = 0
+            row_boxes, ok = [], True
+            for k, obj in enumerate(root.iter("object"), 1):
+                try:
+                    lab = (obj.findtext("name") or "").strip()
+                    x0, y0, x1, y1 = (float(obj.findtext(f"bndbox/{t}")) for t in ("xmin", "ymin", "xmax", "ymax"))
+                except (TypeError, ValueError):
+                    col.fail(xf, None, f"object {k}: needs <name> and numeric <bndbox> xmin/ymin/xmax/ymax")
+                    ok = False
+                    break
+                if not lab or x1 <= x0 or y1 <= y0:
+                    col.fail(xf, None, f"object {k}: empty name or xmax <= xmin / ymax <= ymin")
+                    ok = False
+                    break
+                row_boxes.append((x0, y0, x1, y1, lab, k))
+            if not ok:
+                continue
+            if _add_image(col, images, img, sp, str(xf), verify, (sw, sh) if sw and sh else None) is None:
+                continue
+            for x0, y0, x1, y1, lab, k in row_boxes:
+                names += [lab] if lab not in names else []
+                boxes.append(_box(img, x0, y0, x1, y1, lab, sp, f"{xf}:object {k}"))
+    im, bx = _frames(images, boxes)
+    return DetectionDataset(im, bx, sorted(names), col.problems, str(path), "voc")
+
+
+def _write_voc(ds: DetectionDataset, out: Path) -> Path:
+    by_img = dict(tuple(ds.boxes.groupby("image_path")))
+    for r in ds.images.itertuples():
+        src = Path(r.image_path)
+        root = ET.Element("annotation")
+        ET.SubElement(root, "folder").text = src.parent.name
+        ET.SubElement(root, "filename").text = src.name
+        ET.SubElement(root, "path").text = str(src)
+        size = ET.SubElement(root, "size")
+        for t, v in (("width", r.width), ("height", r.height), ("depth", 3)):
+            ET.SubElement(size, t).text = str(int(v))
+        for b in by_img.get(r.image_path, pd.DataFrame()).itertuples():
+            obj = ET.SubElement(root, "object")
+            ET.SubElement(obj, "name").text = b.label
+            ET.SubElement(obj, "difficult").text = "0"
+            bb = ET.SubElement(obj, "bndbox")
+            for t in ("xmin", "ymin", "xmax", "ymax"):
+                ET.SubElement(bb, t).text = f"{getattr(b, t):.3f}".rstrip("0").rstrip(".")
+        ET.indent(root)
+        with atomic_write(out / r.split / f"{src.stem}.xml", "wb") as f:
+            ET.ElementTree(root).write(f, encoding="utf-8", xml_declaration=False)
+    return out
+
+
+# --- DeepForest CSV ------------------------------------------------------------------------------
+CSV_COLUMNS = ["image_path", "xmin", "ymin", "xmax", "ymax", "label"]
+
+
+def _read_csv(path: Path, col: _Collector, split: str | None, images_dir: Path | None,
+              verify: bool) -> DetectionDataset:
+    files = sorted(path.glob("*.csv")) if path.is_dir() else [path]
+    images: list[dict] = []
+    boxes: list[dict] = []
+    for cf in files:
+        try:
+            df = pd.read_csv(cf, dtype={"image_path": str, "label": str}, keep_default_na=False,
+                             na_values={c: [""] for c in CSV_COLUMNS[1:5]})
+        except (pd.errors.ParserError, UnicodeDecodeError) as e:
+            raise DataError(f"{cf}: not a readable CSV ({e})", file=cf) from e
+        missing = [c for c in CSV_COLUMNS if c not in df.columns]
+        if missing:
+            raise DataError(f"{cf}:1: missing column(s) {missing}; expected {','.join(CSV_COLUMNS)}", file=cf, line=1)
+        sp = _split_name(split or (cf.stem if _split_name(cf.stem) in ("train", "val", "test") else "train"))
+        for name, g in df.groupby("image_path", sort=False):
+            img = _resolve_image(name, cf.parent, images_dir)
+            row_boxes, ok = [], True
+            for i, r in g.iterrows():
+                ln = int(i) + 2  # header is line 1
+                try:
+                    x0, y0, x1, y1 = (float(r[c]) for c in ("xmin", "ymin", "xmax", "ymax"))
+                except ValueError:
+                    col.fail(cf, ln, "xmin/ymin/xmax/ymax must be numbers")
+                    ok = False
+                    break
+                if (np.isnan([x0, y0, x1, y1]).all() or x0 == y0 == x1 == y1 == 0) and not r["label"]:
+                    continue  # DeepForest's empty-image row
+                if np.isnan([x0, y0, x1, y1]).any() or x1 <= x0 or y1 <= y0 or not r["label"]:
+                    col.fail(cf, ln, "box needs xmin < xmax, ymin < ymax and a label")
+                    ok = False
+                    break
+                row_boxes.append((x0, y0, x1, y1, r["label"], ln))
+            if not ok:
+                continue
+            wh = _add_image(col, images, img, sp, str(cf), verify)
+            if wh is None:
+                continue
+            w, h = wh
+            for x0, y0, x1, y1, lab, ln in row_boxes:
+                if x0 < -DETECT_TOL * w or y0 < -DETECT_TOL * h or x1 > (1 + DETECT_TOL) * w or y1 > (1 + DETECT_TOL) * h:
+                    col.fail(cf, ln, f"box {x0:g},{y0:g},{x1:g},{y1:g} outside the {w}x{h} image")
+                    images.pop()
+                    boxes[:] = [b for b in boxes if b["image_path"] != str(img.resolve())]
+                    break
+                boxes.append(_box(img, max(x0, 0.0), max(y0, 0.0), min(x1, w), min(y1, h), lab, sp, f"{cf}:{ln}"))
+    im, bx = _frames(images, boxes)
+    return DetectionDataset(im, bx, sorted(set(bx.label)), col.problems, str(path), "csv")
+
+
+def _write_csv(ds: DetectionDataset, out: Path) -> Path:
+    for split, group in ds.images.groupby("split", sort=False):
+        bx = ds.boxes[ds.boxes.image_path.isin(set(group.image_path))][CSV_COLUMNS]
+        empty = group[~group.image_path.isin(set(bx.image_path))]
+        rows = pd.concat([bx, pd.DataFrame({"image_path": empty.image_path, "xmin": 0, "ymin": 0, "xmax": 0,
+                                            "ymax": 0, "label": ""})], ignore_index=True)
+        with atomic_write(out / f"{split}.csv", newline="") as f:
+            rows.to_csv(f, index=False)
+    return out
+
+
+# --- vector boxes over GeoTIFFs -----------------------------------------------------------------
+def _read_vector(path: Path, col: _Collector, split: str | None, raster: Path | None,
+                 verify: bool) -> DetectionDataset:
+    import geopandas as gpd
+
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in VECTOR_EXT) if path.is_dir() else [path]
+    images: list[dict] = []
+    boxes: list[dict] = []
+    for vf in files:
+        try:
+            gdf = gpd.read_file(vf)
+        except Exception as e:  # noqa: BLE001 - pyogrio raises several unrelated types
+            raise DataError(f"{vf}: cannot read vector file ({e})", file=vf) from e
+        if gdf.crs is None:
+            raise DataError(f"{vf}: vector file has no CRS (for a shapefile: the .prj file is missing); "
+                            "set one, e.g. gdf.set_crs('EPSG:32617')", file=vf)
+        if "label" not in gdf.columns:
+            raise DataError(f"{vf}: needs a `label` column, has {list(gdf.columns)}", file=vf)
+        if raster is None and "image_path" not in gdf.columns:
+            raise DataError(f"{vf}: no `image_path` column; pass the GeoTIFF it annotates (raster=...)", file=vf)
+        sp = _split_name(split or (vf.stem if _split_name(vf.stem) in ("train", "val", "test") else "train"))
+        groups = {str(raster): gdf} if raster is not None else dict(tuple(gdf.groupby("image_path", sort=False)))
+        for name, g in groups.items():
+            img = _resolve_image(name, vf.parent, None)
+            geo = read_georef(img)
+            g = g.to_crs(geo.crs) if not g.crs.equals(geo.crs) else g
+            if _add_image(col, images, img, sp, str(vf), verify, (geo.width, geo.height)) is None:
+                continue
+            bad = [i for i, gm in zip(g.index, g.geometry, strict=True) if gm is None or gm.is_empty]
+            if bad:
+                col.fail(vf, None, f"feature {bad[0] + 1}: empty geometry")
+                images.pop()
+                continue
+            px = map_to_pixel_boxes(list(g.geometry), geo.transform)
+            for (i, r), (x0, y0, x1, y1), gm in zip(g.iterrows(), px, g.geometry, strict=True):
+                if x1 <= 0 or y1 <= 0 or x0 >= geo.width or y0 >= geo.height:
+                    col.fail(vf, None, f"feature {i + 1}: outside raster {img.name}")
+                    continue
+                x0, x1 = float(np.clip(x0, 0, geo.width)), float(np.clip(x1, 0, geo.width))
+                y0, y1 = float(np.clip(y0, 0, geo.height)), float(np.clip(y1, 0, geo.height))
+                boxes.append(_box(img, x0, y0, x1, y1, str(r["label"]), sp, f"{vf}:feature {i + 1}", geometry=gm))
+    im, bx = _frames(images, boxes)
+    return DetectionDataset(im, bx, sorted(set(bx.label)), col.problems, str(path), "vector")
+
+
+def _write_vector(ds: DetectionDataset, out: Path, ext: str) -> Path:
+    import geopandas as gpd
+
+    for split, group in ds.images.groupby("split", sort=False):
+        frames, crs = [], None
+        for r in group.itertuples():
+            geo = read_georef(r.image_path)
+            if crs is not None and not geo.crs.equals(crs):
+                raise DataError(f"{r.image_path}: CRS {geo.crs} differs from the split's other rasters ({crs}); "
+                                "write one vector file per CRS", file=r.image_path)
+            crs = geo.crs
+            bx = ds.boxes[ds.boxes.image_path == r.image_path]
+            geoms = pixel_to_map_boxes(bx[["xmin", "ymin", "xmax", "ymax"]].to_numpy(), geo.transform)
+            frames.append(gpd.GeoDataFrame({"label": bx.label.to_numpy(), "image_path": r.image_path},
+                                           geometry=geoms, crs=crs))
+        gdf = pd.concat(frames, ignore_index=True) if frames else gpd.GeoDataFrame()
+        gdf = gpd.GeoDataFrame(gdf, geometry="geometry", crs=crs)
+        final = out / f"{split}{ext}"
+        with tempfile.TemporaryDirectory(dir=out, prefix=".tmp-vector-") as tmp:
+            gdf.to_file(Path(tmp) / final.name, driver=VECTOR_EXT[ext])
+            for f in Path(tmp).iterdir():  # a shapefile is several sidecar files
+                os.replace(f, out / f.name)
+    return out
+
+
+# --- public API ----------------------------------------------------------------------------------
+def detect_format(path: str | Path) -> str:
+    """Guess the format from a path: data.yaml -> yolo, *.json -> coco, *.xml -> voc, *.csv -> csv,
+    *.gpkg/*.geojson/*.shp -> vector (folders: by what they contain)."""
+    p = Path(path)
+    if p.is_file():
+        suf = p.suffix.lower()
+        kinds = {".yaml": "yolo", ".yml": "yolo", ".json": "coco", ".xml": "voc", ".csv": "csv"}
+        if suf in kinds:
+            return kinds[suf]
+        if suf in VECTOR_EXT:
+            return "vector"
+    elif p.is_dir():
+        if (p / "data.yaml").is_file():
+            return "yolo"
+        for pattern, kind in (("*.json", "coco"), ("*.csv", "csv"), ("*.gpkg", "vector"), ("*.geojson", "vector"),
+                              ("*.shp", "vector"), ("*.xml", "voc"), ("*/*.xml", "voc")):
+            if any(p.glob(pattern)):
+                return kind
+    else:
+        raise DataError(f"{p}: no such file or folder", file=p)
+    raise DataError(f"{p}: cannot tell the annotation format; pass fmt= (yolo, yolo-obb, coco, voc, csv, vector)",
+                    file=p)
+
+
+def read_dataset(path: str | Path, fmt: Format | None = None, on_error: OnError = "raise",
+                 raster: str | Path | None = None, split: str | None = None, splits: list[str] | None = None,
+                 images_dir: str | Path | None = None, names: list[str] | None = None,
+                 verify: bool = False) -> DetectionDataset:
+    """Read any supported format into a DetectionDataset.
+
+    `split` names the split of single-file formats (default: the file stem when it is train/val/test,
+    else train); `splits` limits a data.yaml to some splits; `raster` is the GeoTIFF a vector file
+    annotates; `names` fixes the class order for formats without ids (CSV, VOC, vector)."""
+    path = Path(path)
+    fmt = fmt or detect_format(path)
+    col = _Collector(on_error)
+    idir = Path(images_dir) if images_dir else None
+    if fmt in ("yolo", "yolo-obb"):
+        ds = _read_yolo(path, col, {"yolo": None, "yolo-obb": True}[fmt], splits, verify)
+    elif fmt == "coco":
+        ds = _read_coco(path, col, split, idir, verify)
+    elif fmt == "voc":
+        ds = _read_voc(path, col, split, idir, verify)
+    elif fmt == "csv":
+        ds = _read_csv(path, col, split, idir, verify)
+    elif fmt == "vector":
+        ds = _read_vector(path, col, split, Path(raster) if raster else None, verify)
+    else:
+        raise DataError(f"{path}: unknown format {fmt!r}", file=path)
+    if names is not None:
+        unknown = sorted(set(ds.boxes.label) - set(names))
+        if unknown:
+            raise DataError(f"{path}: labels {unknown} are not in the given names", file=path)
+        ds.names = list(names)
+    return ds
+
+
+def write_dataset(ds: DetectionDataset, out: str | Path, fmt: str = "yolo", images: str = "link") -> Path:
+    """Write `ds` under `out` (yolo, yolo-obb, coco, voc, csv, gpkg, geojson, shp); returns the main path.
+
+    YOLO folders get symlinks to the images (`images="copy"` copies); other formats reference the
+    images by absolute path. Refuses to write inside a folder the images come from."""
+    out = Path(out).resolve()
+    for d in {str(Path(p).parent.resolve()) for p in ds.images.image_path} | ({ds.root} if ds.root else set()):
+        d = Path(d) if Path(d).is_dir() else Path(d).parent
+        if out == d.resolve() or d.resolve() in out.parents:
+            raise DataError(f"{out}: inside the input folder {d}; write the converted dataset elsewhere", file=out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt in ("yolo", "yolo-obb"):
+        return _write_yolo(ds, out, fmt == "yolo-obb", images)
+    if fmt == "coco":
+        return _write_coco(ds, out)
+    if fmt == "voc":
+        return _write_voc(ds, out)
+    if fmt == "csv":
+        return _write_csv(ds, out)
+    if f".{fmt}" in VECTOR_EXT:
+        return _write_vector(ds, out, f".{fmt}")
+    raise DataError(f"unknown output format {fmt!r}; use yolo, yolo-obb, coco, voc, csv, gpkg, geojson or shp")

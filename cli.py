@@ -26,6 +26,68 @@ taxonomy_app = typer.Typer(no_args_is_help=True, help="Inspect and query taxonom
 app.add_typer(taxonomy_app, name="taxonomy")
 
 
+def _taxon_label(t) -> str:
+    """One tree line: rank, name (species in italics), common name, dataset label, body length."""
+    from rich.markup import escape
+
+    name = f"[italic]{escape(t.name)}[/]" if t.rank in ("genus", "species") else escape(t.name)
+    out = f"[dim]{t.rank}[/] [bold]{name}[/]"
+    if t.common_name:
+        out += f" ({escape(t.common_name)})"
+    if t.label:
+        out += f"  [cyan]label={escape(t.label)}[/]"
+    if t.body_length_m is not None:
+        out += f"  [green]{t.body_length_m:g} m[/]"
+    return out
+
+
+@taxonomy_app.command("show")
+def taxonomy_show_cmd(file: Path = typer.Argument(..., help="taxonomy .csv, .yaml or .json")) -> None:
+    """Print the taxonomy as a tree: ranks, common names, dataset labels and body lengths."""
+    from rich.tree import Tree
+
+    from synthgen.errors import SynthgenError
+    from taxonomy import Taxonomy
+
+    try:
+        tax = Taxonomy.load(file)
+    except SynthgenError as e:
+        _fail(e)
+    root = Tree(f"[bold]{file}[/]  levels: {' > '.join(tax.levels)}")
+    branches = {}
+    for t in tax:  # pre-order: a parent is always drawn before its children
+        parent = tax.parent(t)
+        branches[t] = (branches[parent] if parent is not None else root).add(_taxon_label(t))
+    console.print(root)
+    console.print(f"{len(tax)} taxa, {len(tax.labels)} dataset labels, {len(tax.leaves())} leaves")
+
+
+@taxonomy_app.command("resolve")
+def taxonomy_resolve_cmd(
+    file: Path = typer.Argument(..., help="taxonomy .csv, .yaml or .json"),
+    name: str = typer.Argument(..., help="scientific name, common name or dataset label; rank:name to pick a rank"),
+) -> None:
+    """Look a name up: rank, lineage, per-level encoding and the BioCLIP text."""
+    from synthgen.errors import SynthgenError
+    from taxonomy import Taxonomy
+
+    try:
+        tax = Taxonomy.load(file)
+        t = tax.resolve(name)
+        codes = tax.encode(t)
+        texts = [tax.bioclip_text(t), tax.bioclip_text(t, common=True)]
+    except SynthgenError as e:
+        _fail(e)
+    console.print(_taxon_label(t), highlight=False)
+    console.print(f"rank:     {t.rank} (level {t.level})", highlight=False)
+    console.print("lineage:  " + " > ".join(f"{x.name} ({x.rank})" for x in tax.lineage(t)), highlight=False)
+    console.print("encoding: " + str(codes) + "  [dim]"
+                  + " ".join(f"{lv}={c}" for lv, c in zip(tax.levels, codes, strict=True)) + "[/]", highlight=False)
+    console.print(f"bioclip:  {texts[0]}", highlight=False)
+    if texts[1] != texts[0]:
+        console.print(f"          {texts[1]}", highlight=False)
+
+
 # --- data -----------------------------------------------------------------------------------
 data_app = typer.Typer(no_args_is_help=True, help="Read, check and convert detection datasets.")
 app.add_typer(data_app, name="data")

@@ -1,0 +1,13 @@
+"""Sample-quality metrics for generated instance chips."""
+
+from synthgen.metrics.distribution import (
+    frechet_distance,
+    kid,
+    mean_pairwise_distance,
+    nearest_distance,
+    precision_recall,
+)
+from synthgen.metrics.evaluate import evaluate_samples
+
+__all__ = ["evaluate_samples", "frechet_distance", "kid", "mean_pairwise_distance", "nearest_distance",
+           "precision_recall"]

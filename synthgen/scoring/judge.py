@@ -1,0 +1,341 @@
+"""The judge: a small taxonomic classifier trained from scratch on the user's real chips.
+
+One head per taxonomy level (index 0 = "none" is ignored in the loss and never predicted), so a
+fish labelled only to class still teaches the class head without inventing an order. Its per-level
+probabilities are scores, its penultimate features the metric space when no BioCLIP weights exist.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field
+from safetensors.torch import load_file, save
+from torch import nn
+
+from synthgen.device import autocast, resolve_device
+from synthgen.errors import ConfigError
+from synthgen.io_utils import atomic_write, write_json
+from synthgen.scoring.base import Pool, Scorer, ScoringError, TaxonSpace, batched, load_image
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+WEIGHTS, CONFIG = "judge.safetensors", "judge.json"
+VAL_SPLITS = ("val", "valid", "validation")
+
+
+class JudgeConfig(BaseModel):
+    """Judge architecture and training; defaults train in a few CPU minutes at 64 px."""
+
+    model_config = ConfigDict(extra="forbid")
+    arch: str = "resnet18"
+    width: float = Field(0.5, gt=0, description="channel multiplier for timm ResNets (1.0 = standard)")
+    pretrained: str | None = Field(None, description="local timm weights file; implies width 1.0")
+    img_size: int = Field(64, ge=16)
+    epochs: int = Field(12, ge=1)
+    batch_size: int = Field(64, ge=2)
+    lr: float = 2e-3
+    weight_decay: float = 0.05
+    label_smoothing: float = 0.1
+    balance: float = Field(0.5, ge=0, le=1, description="sample weight = count(taxon)^-balance")
+    seed: int = 0
+    device: str = "auto"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> JudgeConfig:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            return cls(**data)
+        except (OSError, yaml.YAMLError, ValueError) as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+def build_backbone(cfg: JudgeConfig) -> nn.Module:
+    """timm backbone without classifier; ResNets are narrowed by `width` (from scratch only)."""
+    import timm
+
+    kwargs: dict = {}
+    if cfg.width != 1.0:
+        if cfg.pretrained:
+            raise ConfigError(f"pretrained weights {cfg.pretrained} need width 1.0, got {cfg.width}")
+        if not cfg.arch.startswith("resnet"):
+            raise ConfigError(f"width {cfg.width} is only supported for timm resnet* archs, not {cfg.arch}")
+        kwargs = {"channels": tuple(max(8, int(c * cfg.width)) for c in (64, 128, 256, 512)),
+                  "stem_width": max(8, int(64 * cfg.width))}
+    if cfg.pretrained:
+        if not Path(cfg.pretrained).is_file():
+            raise ConfigError(f"{cfg.pretrained}: pretrained weights file not found")
+        kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(cfg.pretrained)}}
+    try:
+        return timm.create_model(cfg.arch, num_classes=0, **kwargs)
+    except RuntimeError as e:
+        raise ConfigError(f"cannot build judge backbone {cfg.arch!r}: {e}") from e
+
+
+class JudgeNet(nn.Module):
+    def __init__(self, cfg: JudgeConfig, level_sizes: Sequence[int]):
+        super().__init__()
+        self.backbone = build_backbone(cfg)
+        self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, n) for n in level_sizes)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        f = self.backbone(x)
+        return f, [h(f) for h in self.heads]
+
+
+def _to_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """uint8 (n, 3, size, size) tensor: chips are squashed to a square, as the generator sees them."""
+    arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
+    return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
+
+
+def _normalise(x: torch.Tensor) -> torch.Tensor:
+    m = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
+    s = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
+    return (x.float() / 255 - m) / s
+
+
+def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Per-sample random resized crop (scale 0.6-1), horizontal flip and brightness/contrast jitter."""
+    import torch.nn.functional as F
+
+    n, _, h, w = x.shape
+    out = torch.empty_like(x, dtype=torch.float32)
+    for i in range(n):
+        s = math.sqrt(0.6 + 0.4 * torch.rand(1, generator=gen).item())
+        ch, cw = max(4, int(h * s)), max(4, int(w * s))
+        y0 = int(torch.randint(0, h - ch + 1, (1,), generator=gen))
+        x0 = int(torch.randint(0, w - cw + 1, (1,), generator=gen))
+        crop = x[i : i + 1, :, y0 : y0 + ch, x0 : x0 + cw].float()
+        crop = F.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0]
+        if torch.rand(1, generator=gen).item() < 0.5:
+            crop = crop.flip(-1)
+        b = 1 + 0.4 * (torch.rand(1, generator=gen).item() - 0.5)
+        c = 1 + 0.4 * (torch.rand(1, generator=gen).item() - 0.5)
+        mean = crop.mean()
+        out[i] = ((crop - mean) * c + mean * b).clamp(0, 255)
+    return out
+
+
+def _load_chips(pool: Pool, rows: list[dict], size: int, desc: str) -> torch.Tensor:
+    from tqdm import tqdm
+
+    imgs = [load_image(pool.path(r)) for r in tqdm(rows, desc=desc, leave=False)]
+    return _to_batch(imgs, size) if imgs else torch.zeros((0, 3, size, size), dtype=torch.uint8)
+
+
+def _val_split(rows: list[dict]) -> str | None:
+    splits = {r.get("split") for r in rows}
+    return next((s for s in VAL_SPLITS if s in splits), None)
+
+
+def _codes(space: TaxonSpace, rows: list[dict]) -> torch.Tensor:
+    return torch.tensor([space.encode(r["taxon"]) for r in rows], dtype=torch.long).view(len(rows), len(space.levels))
+
+
+def _save_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer, progress: dict) -> None:
+    """Weights, AdamW moments and progress (epoch, config, history) in one safetensors file written
+    atomically, so a kill at any point leaves a consistent state to resume from."""
+    tensors = {f"model.{k}": v.detach().contiguous() for k, v in net.state_dict().items()}
+    for i, st in enumerate(opt.state.values()):
+        for k, v in st.items():
+            tensors[f"opt.{i}.{k}"] = torch.as_tensor(v).detach().contiguous()
+    with atomic_write(path, "wb") as f:
+        f.write(save(tensors, metadata={"progress": json.dumps(progress)}))
+
+
+def _read_progress(path: Path) -> dict:
+    from safetensors import safe_open
+
+    with safe_open(path, "pt") as f:
+        return json.loads((f.metadata() or {}).get("progress", "{}"))
+
+
+def _load_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> None:
+    t = load_file(path)
+    net.load_state_dict({k[6:]: v for k, v in t.items() if k.startswith("model.")})
+    params = [p for g in opt.param_groups for p in g["params"]]
+    for i, p in enumerate(params):
+        st = {k.split(".", 2)[2]: v for k, v in t.items() if k.startswith(f"opt.{i}.")}
+        if st:
+            opt.state[p] = st
+
+
+@torch.no_grad()
+def evaluate_judge(net: JudgeNet, space: TaxonSpace, x: torch.Tensor, codes: torch.Tensor,
+                   taxa: Sequence[str], device: torch.device, batch_size: int = 256) -> dict:
+    """Per-level accuracy (over chips that have a name at that level), accuracy at each chip's own
+    level, and the same per taxon."""
+    net.eval()
+    preds = [[] for _ in space.levels]
+    for i in range(0, len(x), batch_size):
+        with autocast(device):
+            _, logits = net(_normalise(x[i : i + batch_size].to(device)))
+        for j, lg in enumerate(logits):
+            preds[j].append(lg.float()[:, 1:].argmax(1).cpu() + 1)
+    pred = torch.stack([torch.cat(p) for p in preds], 1) if len(x) else codes.clone()
+    per_level = {}
+    for j, lv in enumerate(space.levels):
+        m = codes[:, j] > 0
+        per_level[lv] = {"accuracy": float((pred[m, j] == codes[m, j]).float().mean()) if m.any() else None,
+                         "n": int(m.sum())}
+    own = torch.tensor([space.levels.index(space.level_of(t)) for t in taxa], dtype=torch.long)
+    own_ok = pred.gather(1, own[:, None])[:, 0] == codes.gather(1, own[:, None])[:, 0]
+    per_taxon = {}
+    taxa_arr = np.asarray(taxa)
+    for t in space.taxa:
+        m = torch.from_numpy(taxa_arr == t)
+        if m.any():
+            per_taxon[t] = {"accuracy": float(own_ok[m].float().mean()), "n": int(m.sum()),
+                            "level": space.level_of(t)}
+    accs = [v["accuracy"] for v in per_taxon.values()]
+    return {"per_level": per_level, "per_taxon": per_taxon,
+            "taxon_accuracy": float(own_ok.float().mean()) if len(own_ok) else None,
+            "balanced_taxon_accuracy": float(np.mean(accs)) if accs else None, "n": len(taxa)}
+
+
+def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = None) -> dict:
+    """Train (or resume) the judge on the `train` split of a chips folder; report on its val split.
+
+    Writes `judge.safetensors`, `judge.json` (config, taxon space, metrics), `taxonomy.json` (copied
+    from the chips folder when present) and `metrics.json` into `out`. Returns the metrics dict.
+    """
+    from rich.progress import Progress
+
+    cfg = cfg or JudgeConfig()
+    out = Path(out)
+    pool = Pool.load(chips)
+    space = TaxonSpace.from_rows(pool.rows, str(pool.root / "manifest.jsonl"))
+    train_rows = [r for r in pool.rows if r.get("split") == "train"]
+    if not train_rows:
+        raise ScoringError(f"{pool.root / 'manifest.jsonl'}: no chips with split 'train' to train the judge on")
+    vsplit = _val_split(pool.rows)
+    val_rows = [r for r in pool.rows if r.get("split") == vsplit] if vsplit else []
+    done = out / CONFIG
+    if done.is_file() and (out / WEIGHTS).is_file():
+        meta = json.loads(done.read_text())
+        if meta.get("config") == cfg.model_dump() and meta.get("chips") == str(Path(chips).resolve()):
+            return meta["metrics"]
+
+    torch.manual_seed(cfg.seed)
+    device = resolve_device(cfg.device)
+    x_tr = _load_chips(pool, train_rows, cfg.img_size, "loading train chips")
+    x_va = _load_chips(pool, val_rows, cfg.img_size, "loading val chips")
+    y_tr, y_va = _codes(space, train_rows), _codes(space, val_rows)
+    tr_taxa = [r["taxon"] for r in train_rows]
+    counts = {t: tr_taxa.count(t) for t in set(tr_taxa)}
+    weights = torch.tensor([counts[t] ** -cfg.balance for t in tr_taxa], dtype=torch.double)
+
+    net = JudgeNet(cfg, space.level_sizes).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
+                                                pct_start=0.15)
+    loss_fn = nn.CrossEntropyLoss(ignore_index=0, label_smoothing=cfg.label_smoothing)
+    out.mkdir(parents=True, exist_ok=True)
+    state_path = out / "last.safetensors"
+    start, history = 0, []
+    if state_path.is_file():
+        prog = _read_progress(state_path)
+        if prog.get("config") == cfg.model_dump():
+            _load_state(state_path, net, opt)
+            start, history = int(prog["epoch"]), prog["history"]
+            with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(start * steps_per_epoch):
+                    sched.step()
+    gen = torch.Generator().manual_seed(cfg.seed)
+    t0 = time.time()
+    with Progress(transient=True) as bar:
+        task = bar.add_task("training judge", total=cfg.epochs, completed=start)
+        for epoch in range(start, cfg.epochs):
+            gen.manual_seed(cfg.seed * 1000 + epoch)  # same batches after a resume
+            net.train()
+            idx = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
+            total = 0.0
+            for b in range(steps_per_epoch):
+                bi = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size]
+                xb = _normalise(_augment(x_tr[bi], gen)).to(device)
+                yb = y_tr[bi].to(device)
+                with autocast(device):
+                    _, logits = net(xb)
+                loss = sum(loss_fn(lg.float(), yb[:, j]) for j, lg in enumerate(logits)
+                           if (yb[:, j] > 0).any())
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += loss.item()
+            history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
+            _save_state(state_path, net, opt, {"epoch": epoch + 1, "config": cfg.model_dump(), "history": history})
+            bar.update(task, advance=1, description=f"training judge (loss {total / steps_per_epoch:.3f})")
+
+    metrics = {
+        "val_split": vsplit,
+        "val": evaluate_judge(net, space, x_va, y_va, [r["taxon"] for r in val_rows], device) if val_rows else None,
+        "train_chips": len(train_rows), "val_chips": len(val_rows),
+        "train_seconds": round(time.time() - t0, 1), "history": history,
+    }
+    net = net.cpu()
+    with atomic_write(out / WEIGHTS, "wb") as f:
+        f.write(save({k: v.contiguous() for k, v in net.state_dict().items()}, metadata={"format": "pt"}))
+    tax_json = Path(chips) / "taxonomy.json"
+    if tax_json.is_file():
+        with atomic_write(out / "taxonomy.json", "wb") as f:
+            f.write(tax_json.read_bytes())
+    write_json(out / "metrics.json", metrics)
+    write_json(done, {"config": cfg.model_dump(), "space": space.to_dict(), "metrics": metrics,
+                      "chips": str(Path(chips).resolve())})
+    state_path.unlink(missing_ok=True)
+    return metrics
+
+
+class JudgeScorer(Scorer):
+    """Scores from a trained judge folder: `p_taxon`, `p_<level>` and (with a reference) `centroid_cos`."""
+
+    def __init__(self, folder: str | Path, device: str = "auto", batch_size: int = 128, name: str = "judge"):
+        folder = Path(folder)
+        meta_path = folder / CONFIG
+        if not meta_path.is_file() or not (folder / WEIGHTS).is_file():
+            raise ScoringError(f"{folder}: not a judge folder (needs {CONFIG} and {WEIGHTS}; "
+                               "train one with `synthgen train-judge`)")
+        meta = json.loads(meta_path.read_text())
+        self.cfg = JudgeConfig(**(meta["config"] | {"pretrained": None}))
+        self.space = TaxonSpace.from_dict(meta["space"])
+        self.name, self.batch_size, self.folder = name, batch_size, folder
+        self.ident = f"judge:{folder.resolve()}:{(folder / WEIGHTS).stat().st_mtime_ns}"
+        self.device = resolve_device(device)
+        self.net = JudgeNet(self.cfg, self.space.level_sizes)
+        try:
+            self.net.load_state_dict(load_file(folder / WEIGHTS))
+        except RuntimeError as e:
+            raise ScoringError(f"{folder / WEIGHTS}: weights do not match {CONFIG} ({e})") from e
+        self.net.to(self.device).eval()
+
+    @torch.no_grad()
+    def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
+        out = []
+        for chunk in batched(list(images), self.batch_size):
+            x = _normalise(_to_batch(chunk, self.cfg.img_size).to(self.device))
+            with autocast(self.device):
+                out.append(self.net.backbone(x).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.net.backbone.num_features), np.float32)
+
+    @torch.no_grad()
+    def level_probs(self, emb: np.ndarray) -> dict[str, np.ndarray]:
+        f = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(self.device)
+        out = {}
+        for lv, head in zip(self.space.levels, self.net.heads, strict=True):
+            lg = head(f).float()
+            lg[:, 0] = -torch.inf
+            out[lv] = torch.softmax(lg, 1).cpu().numpy()
+        return out
+

@@ -1,0 +1,276 @@
+"""Scorers: taxon space, tiny random open_clip models saved and loaded from a local folder, offline
+hub errors, the TORCH_FORCE_WEIGHTS_ONLY_LOAD guard, and a judge trained on real aquarium chips."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from synthgen.errors import SynthgenError
+from synthgen.scoring import (
+    JudgeConfig,
+    JudgeScorer,
+    OpenClipScorer,
+    Pool,
+    TaxonSpace,
+    load_scorer,
+    preserve_torch_load_env,
+    train_judge,
+)
+
+AQUARIUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "aquarium"
+LINEAGE = {  # from ../shared/data/aquarium/README.md
+    "fish": ("Actinopterygii", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Actinopterygii"}),
+    "jellyfish": ("Scyphozoa", {"kingdom": "Animalia", "phylum": "Cnidaria", "class": "Scyphozoa"}),
+    "penguin": ("Spheniscidae", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves",
+                                 "order": "Sphenisciformes", "family": "Spheniscidae"}),
+    "puffin": ("Fratercula", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves",
+                              "order": "Charadriiformes", "family": "Alcidae", "genus": "Fratercula"}),
+    "shark": ("Selachimorpha", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Chondrichthyes",
+                                "clade:class": "Selachimorpha"}),
+    "starfish": ("Asteroidea", {"kingdom": "Animalia", "phylum": "Echinodermata", "class": "Asteroidea"}),
+    "stingray": ("Myliobatiformes", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Chondrichthyes",
+                                     "order": "Myliobatiformes"}),
+}
+NAMES = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
+
+
+def make_chips(out: Path, labels: tuple[str, ...], per_class: dict[str, int], size: int = 48,
+               min_side: int = 12) -> Path:
+    """A chips folder in the ARCHITECTURE.md layout, cropped from real aquarium boxes with PIL
+    (square crop with 10% context), `per_class[split]` chips per label and split."""
+    rows = []
+    for split, folder in (("train", "train"), ("valid", "valid")):
+        counts = dict.fromkeys(labels, 0)
+        for lab in sorted((AQUARIUM / folder / "labels").glob("*.txt")):
+            img_path = AQUARIUM / folder / "images" / (lab.stem + ".jpg")
+            todo = []
+            for k, line in enumerate(lab.read_text().splitlines()):
+                c, cx, cy, w, h = line.split()[:5]
+                name = NAMES[int(c)]
+                if name in labels and counts[name] < per_class[split]:
+                    todo.append((k, name, *map(float, (cx, cy, w, h))))
+            if not todo:
+                continue
+            with Image.open(img_path) as im:
+                im = im.convert("RGB")
+                W, H = im.size
+                for k, name, cx, cy, w, h in todo:
+                    side = max(w * W, h * H) * 1.1
+                    if side < min_side or counts[name] >= per_class[split]:
+                        continue
+                    x0, y0 = cx * W - side / 2, cy * H - side / 2
+                    box = [round(v, 1) for v in (x0, y0, x0 + side, y0 + side)]
+                    f = f"{split}/{name}/{lab.stem[:40]}_{k}.png"
+                    (out / split / name).mkdir(parents=True, exist_ok=True)
+                    im.crop(tuple(int(v) for v in box)).resize((size, size), Image.BICUBIC).save(out / f)
+                    taxon, lin = LINEAGE[name]
+                    rows.append({"file": f, "source_image": str(img_path), "box": box, "label": name,
+                                 "taxon": taxon, "lineage": lin, "split": split, "size": size})
+                    counts[name] += 1
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@functools.cache
+def tiny_chips() -> Path:
+    """Three visually distinct aquarium taxa, shared by the scoring, filter and metrics tests."""
+    return make_chips(Path(tempfile.mkdtemp(prefix="synthgen-chips-")), ("jellyfish", "penguin", "starfish"),
+                      {"train": 60, "valid": 25})
+
+
+TINY_JUDGE = JudgeConfig(width=0.25, img_size=32, epochs=10, batch_size=32, lr=3e-3, device="cpu")
+
+
+@functools.cache
+def tiny_judge() -> tuple[Path, dict]:
+    out = Path(tempfile.mkdtemp(prefix="synthgen-judge-"))
+    return out, train_judge(tiny_chips(), out, TINY_JUDGE)
+
+
+def tiny_open_clip(folder: Path) -> Path:
+    """A random tiny ViT + text transformer saved in open_clip's hub layout (config + safetensors)."""
+    import open_clip
+    from safetensors.torch import save_file
+
+    cfg = {"embed_dim": 32,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8, "head_width": 16},
+           "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, folder / "open_clip_model.safetensors")
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": cfg, "preprocess_cfg": {"mean": [0.48, 0.46, 0.41], "std": [0.27, 0.26, 0.28]}}))
+    return folder
+
+
+def test_taxon_space_levels_encoding_and_text():
+    rows = [{"taxon": t, "lineage": lin} for t, lin in LINEAGE.values()]
+    space = TaxonSpace.from_rows(rows)
+    assert space.levels == ["kingdom", "phylum", "class", "clade:class", "order", "family", "genus"]
+    assert space.level_of("Selachimorpha") == "clade:class"
+    assert space.level_of("Fratercula") == "genus"
+    codes = space.encode("Actinopterygii")
+    assert codes[space.levels.index("order")] == 0 and codes[space.levels.index("class")] > 0
+    assert space.encode("Myliobatiformes")[2] == space.encode("Selachimorpha")[2]  # both Chondrichthyes
+    assert space.text("Fratercula") == "a photo of Animalia Chordata Aves Charadriiformes Alcidae Fratercula."
+    sp = TaxonSpace.from_rows([{"taxon": "Phoca vitulina", "lineage": {"genus": "Phoca", "species": "Phoca vitulina"}}])
+    assert sp.text("Phoca vitulina") == "a photo of Phoca vitulina."
+    assert TaxonSpace.from_dict(space.to_dict()).encode("Fratercula") == space.encode("Fratercula")
+    m = space.leaf_matrix()["class"]
+    assert m.sum(1).tolist() == [1.0] * 7  # every leaf has exactly one class
+    with pytest.raises(SynthgenError, match="manifest.jsonl:2"):
+        TaxonSpace.from_rows([rows[0], {"taxon": "x"}], "manifest.jsonl")
+
+
+def test_open_clip_scorer_from_local_folder(tmp_path):
+    folder = tiny_open_clip(tmp_path / "tiny-bioclip")
+    pool = Pool.load(tiny_chips())
+    space = TaxonSpace.from_rows(pool.rows)
+    scorer = load_scorer(f"bioclip:{folder}", space, device="cpu", batch_size=16)
+    assert isinstance(scorer, OpenClipScorer)
+    rows = pool.rows[:10]
+    imgs = list(pool.images(rows))
+    emb = scorer.embed_images(imgs)
+    assert emb.shape == (10, 32) and np.isfinite(emb).all()
+    scorer.set_reference(emb, [r["taxon"] for r in rows])
+    s = scorer.score(imgs, [r["taxon"] for r in rows])
+    assert set(s) >= {"text_sim", "p_taxon", "centroid_cos", "p_class", "p_phylum"}
+    # leaves sum to 1 per level; the kingdom is shared by all taxa so its probability is 1
+    probs = scorer.classify(imgs)
+    np.testing.assert_allclose(probs["class"].sum(1), 1, atol=1e-5)
+    np.testing.assert_allclose(s["p_kingdom"], 1, atol=1e-5)
+    assert ((s["p_taxon"] > 0) & (s["p_taxon"] < 1)).all()
+    assert (s["p_phylum"] >= s["p_class"] - 1e-6).all()  # a coarser level sums over more leaves
+    assert np.all(np.abs(s["text_sim"]) <= 1 + 1e-5)
+    # same weights loaded twice give the same embeddings (weights really come from the folder)
+    again = OpenClipScorer(space, model=str(folder), device="cpu")
+    np.testing.assert_allclose(again.embed_images(imgs[:2]), emb[:2], atol=1e-5)
+
+
+def test_open_clip_local_checkpoint_file_and_bad_folders(tmp_path):
+    import open_clip
+
+    folder = tiny_open_clip(tmp_path / "m")
+    cfg = json.loads((folder / "open_clip_config.json").read_text())["model_cfg"]
+    (tmp_path / "synthgen-tiny-clip.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(tmp_path / "synthgen-tiny-clip.json")  # a named model + a local checkpoint file
+    space = TaxonSpace.from_rows(Pool.load(tiny_chips()).rows)
+    scorer = load_scorer(f"clip:synthgen-tiny-clip:{folder / 'open_clip_model.safetensors'}", space, device="cpu")
+    assert scorer.name == "clip" and scorer.embed_images([Image.new("RGB", (40, 30))]).shape == (1, 32)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(SynthgenError, match="open_clip_config.json missing"):
+        load_scorer(f"bioclip:{empty}", space)
+    (folder / "open_clip_model.safetensors").unlink()
+    with pytest.raises(SynthgenError, match="no weights"):
+        load_scorer(f"bioclip:{folder}", space)
+    with pytest.raises(SynthgenError, match="unknown scorer"):
+        load_scorer("dino", space)
+    with pytest.raises(SynthgenError, match="unknown open_clip model 'ViT-Nope'"):
+        load_scorer("clip:ViT-Nope:openai", space)
+
+
+def test_hub_model_offline_gives_clear_message(monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
+    space = TaxonSpace.from_rows([{"taxon": t, "lineage": lin} for t, lin in LINEAGE.values()])
+    with pytest.raises(SynthgenError, match=r"imageomics/bioclip-2.*--scorer bioclip:/path/to/bioclip-2"):
+        load_scorer("bioclip", space, device="cpu")
+
+
+def test_yolo_checkpoint_loads_after_bioclip_style_scorer(tmp_path, monkeypatch):
+    """A library that sets TORCH_FORCE_WEIGHTS_ONLY_LOAD while loading (as pybioclip does) must not
+    break ultralytics checkpoints loaded later in the same process."""
+    import open_clip
+    from ultralytics import YOLO
+
+    monkeypatch.delenv("TORCH_FORCE_WEIGHTS_ONLY_LOAD", raising=False)
+    real_create = open_clip.create_model_and_transforms
+
+    def create_like_pybioclip(*a, **kw):
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+        return real_create(*a, **kw)
+
+    monkeypatch.setattr(open_clip, "create_model_and_transforms", create_like_pybioclip)
+    folder = tiny_open_clip(tmp_path / "bioclip")
+    OpenClipScorer(TaxonSpace.from_rows(Pool.load(tiny_chips()).rows), model=str(folder), device="cpu")
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+    yolo = YOLO("yolov8n.yaml")
+    ckpt = tmp_path / "tiny.pt"
+    yolo.save(ckpt)
+    again = YOLO(str(ckpt))
+    assert sum(p.numel() for p in again.model.parameters()) == sum(p.numel() for p in yolo.model.parameters())
+    with preserve_torch_load_env():
+        os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    assert "TORCH_FORCE_WEIGHTS_ONLY_LOAD" not in os.environ
+
+
+def test_judge_trains_on_real_chips_and_scores(tmp_path):
+    folder, metrics = tiny_judge()
+    val = metrics["val"]
+    assert metrics["val_split"] == "valid" and metrics["train_chips"] == 180 and val["n"] == 75
+    # three taxa in three phyla: chance is 1/3 at every level
+    assert val["per_level"]["phylum"]["accuracy"] > 0.6, val
+    assert val["per_level"]["family"]["n"] == 25  # only penguins have a family
+    assert set(val["per_taxon"]) == {"Scyphozoa", "Spheniscidae", "Asteroidea"}
+    assert (folder / "judge.safetensors").is_file() and not (folder / "last.safetensors").exists()
+    scorer = JudgeScorer(folder, device="cpu")
+    pool = Pool.load(tiny_chips(), split="valid")
+    imgs = list(pool.images(pool.rows[:8]))
+    s = scorer.score(imgs, [r["taxon"] for r in pool.rows[:8]])
+    assert set(s) >= {"p_taxon", "p_phylum", "p_class", "p_family"}
+    probs = scorer.classify(imgs)
+    assert (probs["phylum"][:, 0] == 0).all()  # "none" is never predicted
+    np.testing.assert_allclose(probs["phylum"].sum(1), 1, atol=1e-5)
+    assert scorer.features(imgs).shape == (8, scorer.net.backbone.num_features)
+    # a finished folder is not retrained
+    assert train_judge(tiny_chips(), folder, TINY_JUDGE) == metrics
+
+
+def test_judge_resumes_after_kill(tmp_path, monkeypatch):
+    import synthgen.scoring.judge as judge
+
+    cfg = TINY_JUDGE.model_copy(update={"epochs": 2})
+    calls = {"n": 0}
+    real = judge._save_state
+
+    def die_after_first_epoch(*a, **kw):
+        real(*a, **kw)
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(judge, "_save_state", die_after_first_epoch)
+    with pytest.raises(KeyboardInterrupt):
+        train_judge(tiny_chips(), tmp_path, cfg)
+    assert judge._read_progress(tmp_path / "last.safetensors")["epoch"] == 1
+    ran = []
+    monkeypatch.setattr(judge, "_save_state", lambda *a, **kw: ran.append(a[3]["epoch"]) or real(*a, **kw))
+    metrics = train_judge(tiny_chips(), tmp_path, cfg)
+    assert ran == [2]  # only the missing epoch ran
+    assert [h["epoch"] for h in metrics["history"]] == [1, 2]
+    assert JudgeScorer(tmp_path, device="cpu").space.taxa == ["Asteroidea", "Scyphozoa", "Spheniscidae"]
+
+
+def test_bad_inputs_name_the_file(tmp_path):
+    with pytest.raises(SynthgenError, match="manifest.jsonl"):
+        Pool.load(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text('{"file": "a.png", "label": "x", "taxon": "X"}\n{"file": "b.png"}\n')
+    with pytest.raises(SynthgenError, match=r"manifest.jsonl:2: row lacks label, taxon"):
+        Pool.load(tmp_path)
+    with pytest.raises(SynthgenError, match="not a judge folder"):
+        JudgeScorer(tmp_path)
+    with pytest.raises(SynthgenError, match="pretrained weights file not found"):
+        train_judge(tiny_chips(), tmp_path / "j", JudgeConfig(width=1.0, pretrained=str(tmp_path / "nope.pth")))

@@ -27,18 +27,27 @@ _FIELDS = ("name", "rank", "level", "parent", "common_name", "body_length_m", "l
 
 
 class Taxon:
-    """One node of a taxonomy. Equal and hashed by (level, name); the tree lives in `Taxonomy`."""
+    """One node of a taxonomy, read-only (it is a dict key). Equal and hashed by (level, name);
+    the tree itself lives in `Taxonomy`."""
 
     __slots__ = ("name", "level", "common_name", "body_length_m", "label", "index")
+    name: str
+    level: str
+    common_name: str | None
+    body_length_m: float | None
+    label: str | None
+    index: int
 
     def __init__(self, name: str, level: str, common_name: str | None = None,
                  body_length_m: float | None = None, label: str | None = None, index: int = 0):
-        self.name = name
-        self.level = level
-        self.common_name = common_name
-        self.body_length_m = body_length_m
-        self.label = label
-        self.index = index
+        for k, v in zip(self.__slots__, (name, level, common_name, body_length_m, label, index), strict=True):
+            object.__setattr__(self, k, v)
+
+    def __setattr__(self, key: str, value: object) -> None:
+        raise AttributeError(f"Taxon is read-only (cannot set {key!r})")
+
+    def __reduce__(self) -> tuple:
+        return Taxon, tuple(getattr(self, k) for k in self.__slots__)
 
     @property
     def rank(self) -> str:
@@ -133,7 +142,7 @@ class Taxonomy:
                 v = str(v)  # YAML reads `label: 7` as a number
             if v is not None and not isinstance(v, str):
                 raise TaxonomyError(f"{where}: taxon {r.name!r}: {field} must be text, got {v!r}")
-            setattr(r, field, " ".join(v.split()) or None if isinstance(v, str) else None)
+            setattr(r, field, (" ".join(v.split()) or None) if isinstance(v, str) else None)
 
     @staticmethod
     def _check_duplicates(recs: list[Record]) -> None:
@@ -261,7 +270,8 @@ class Taxonomy:
         taxa = [Taxon(r.name, r.level, r.common_name, r.body_length_m, r.label, int(r.index))  # type: ignore[arg-type]
                 for r in recs]
         order = {t.key: (pos[t.level], _fold(t.name)) for t in taxa}
-        self._parent: dict[Taxon, Taxon | None] = {t: (None if p is None else taxa[p]) for t, p in zip(taxa, parent, strict=True)}
+        self._parent: dict[Taxon, Taxon | None] = {
+            t: (None if p is None else taxa[p]) for t, p in zip(taxa, parent, strict=True)}
         self._children: dict[Taxon, list[Taxon]] = {t: [] for t in taxa}
         for t, p in self._parent.items():
             if p is not None:

@@ -245,6 +245,40 @@ def test_json_round_trip_is_exact(aq: Taxonomy, tmp_path: Path) -> None:
     assert Taxonomy.load(tmp_path / "taxonomy.json").to_json() == text
 
 
+@pytest.mark.parametrize(("text", "levels"), [
+    ("label,clade,kingdom,class\na,Bilateria,Animalia,Aves\n", ["clade:root", "kingdom", "class"]),
+    ("label,kingdom,class,clade,clade,order\na,Animalia,Chondrichthyes,Elasmobranchii,Selachimorpha,\n"
+     "b,Animalia,Chondrichthyes,Elasmobranchii,,Myliobatiformes\n",
+     ["kingdom", "class", "clade:class", "clade:class#2", "order"]),
+    ("label,kingdom,phylum,class,clade:superorder,order\na,Animalia,Chordata,,Selachimorpha,\n",
+     ["kingdom", "phylum", "class", "clade:class", "order"]),
+])
+def test_clade_levels_round_trip(tmp_path: Path, text: str, levels: list[str]) -> None:
+    tax = Taxonomy.load(write(tmp_path / "t.csv", text))
+    assert tax.levels == levels
+    for suffix in ("yaml", "json", "csv"):
+        tax.save(tmp_path / f"out.{suffix}")
+        assert Taxonomy.load(tmp_path / f"out.{suffix}").to_json() == tax.to_json(), suffix
+
+
+def test_species_epithet_joined_to_genus(tmp_path: Path) -> None:
+    tax = Taxonomy.load(write(tmp_path / "t.csv", "label,genus,species\na,Phoca,vitulina\nb,Phoca,largha\n"))
+    assert tax.labels["a"].name == "Phoca vitulina"
+    assert tax.parent("Phoca largha").name == "Phoca"
+
+
+def test_saved_encoding_survives_added_taxa(aq: Taxonomy) -> None:
+    # a model trained with this taxonomy.json must keep its indices when a taxon is added later
+    data = aq.to_dict()
+    aves = next(x for x in data["taxa"] if x["name"] == "Aves")
+    data["taxa"].append(dict(aves, name="Aaa", index=6, label=None, common_name=None))
+    grown = Taxonomy.from_json(data)
+    for label, t in aq.labels.items():
+        assert grown.encode(label) == aq.encode(t)
+    assert grown.encode("Aaa") == (1, 1, 6, 0, 0, 0, 0, 0)
+    assert grown.level_sizes == [2, 4, 7, 2, 4, 3, 2, 1]
+
+
 def test_shipped_inputs_are_not_modified(configs: Path, tmp_path: Path) -> None:
     before = {f: (configs / "taxonomy" / f).read_bytes() for f in SHIPPED}
     for f in SHIPPED:

@@ -1,0 +1,155 @@
+"""Square chips of real instances with some context: what the diffusion generator trains on.
+
+Each box becomes a square centred on it, side = max(w, h) * (1 + 2 * margin), padded by edge
+replication (or reflection) where it runs off the image, resized to `size`. Chips land in
+`OUT/<split>/<label>/<stem>_<k>.png` with one manifest row each (docs/ARCHITECTURE.md); a rerun
+skips chips already in the manifest, so a killed job resumes without duplicates.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field
+
+from detection.dataset import DetectionDataset, read_dataset
+from detection.errors import DataError
+from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl, write_json
+
+
+class ChipConfig(BaseModel):
+    """How chips are cut; stored in OUT/chips.json so a resume cannot mix two settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    size: int = Field(64, ge=8, description="side of the square chip in pixels")
+    margin: float = Field(0.15, ge=0, le=2, description="context on each side, as a fraction of max(w, h)")
+    pad: Literal["replicate", "reflect"] = Field("replicate", description="fill where the square leaves the image")
+    min_box: float = Field(4, ge=0, description="skip boxes whose shorter side is below this (pixels)")
+    max_per_class: int | None = Field(None, ge=1, description="at most this many chips per label (seeded sample)")
+    seed: int = 0
+
+
+def square_window(box: tuple[float, float, float, float], margin: float) -> tuple[int, int, int]:
+    """Integer (x0, y0, side) of the context square centred on `box`."""
+    x0, y0, x1, y1 = box
+    side = max(1, round(max(x1 - x0, y1 - y0) * (1 + 2 * margin)))
+    return round((x0 + x1) / 2 - side / 2), round((y0 + y1) / 2 - side / 2), side
+
+
+def cut_chip(image: np.ndarray, box: tuple[float, float, float, float], size: int = 64, margin: float = 0.15,
+             pad: str = "replicate") -> np.ndarray:
+    """The square context chip of one box from an HxWxC uint8 array, resized to size x size."""
+    import cv2
+
+    h, w = image.shape[:2]
+    sx, sy, side = square_window(box, margin)
+    cx0, cy0, cx1, cy1 = max(sx, 0), max(sy, 0), min(sx + side, w), min(sy + side, h)
+    if cx1 <= cx0 or cy1 <= cy0:
+        raise ValueError(f"box {box} lies outside the {w}x{h} image")
+    crop = image[cy0:cy1, cx0:cx1]
+    pads = ((cy0 - sy, sy + side - cy1), (cx0 - sx, sx + side - cx1)) + ((0, 0),) * (image.ndim - 2)
+    if any(p for pair in pads for p in pair):
+        mode = "edge" if pad == "replicate" or min(crop.shape[:2]) < 2 else "reflect"
+        crop = np.pad(crop, pads, mode=mode)
+    interp = cv2.INTER_AREA if side > size else cv2.INTER_CUBIC
+    return cv2.resize(crop, (size, size), interpolation=interp)
+
+
+def _taxon_info(tax, label: str) -> tuple[str, dict]:
+    """Taxon name and {level: name} lineage of a dataset label (through tax.labels, else tax.resolve)."""
+    t = tax.labels.get(label) or tax.resolve(label)
+    return t.name, {a.level: a.name for a in tax.lineage(t)}
+
+
+def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipConfig | None = None,
+               taxonomy: str | Path | None = None, split: str | None = "train", on_error: str = "raise",
+               progress: bool = True) -> dict:
+    """Cut chips of every box in `split` (None: all splits) into `out`; resumable. Returns a summary."""
+    from PIL import Image, ImageOps
+    from tqdm import tqdm
+
+    cfg = cfg or ChipConfig()
+    out = Path(out)
+    ds = data if isinstance(data, DetectionDataset) else read_dataset(
+        data, on_error=on_error, splits=None if split is None else [split])
+    if split is not None:
+        if split not in ds.splits:
+            raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
+        ds = ds.subset(split)
+    _check_config(out, cfg, taxonomy)
+    tax = None
+    if taxonomy is not None:
+        from taxonomy import Taxonomy
+
+        tax = Taxonomy.load(taxonomy)
+        lineages = {lab: _taxon_info(tax, lab) for lab in sorted(set(ds.boxes.label))}  # fail early on unknowns
+        tax.save(out / "taxonomy.json")
+    boxes = _select(ds, cfg)
+    manifest = out / "manifest.jsonl"
+    done = {r["file"] for r in read_jsonl(manifest)}
+    boxes = boxes.assign(file=[f"{r.split}/{r.label}/{Path(r.image_path).stem}_{r.k}.png"
+                               for r in boxes.itertuples()])
+    todo = boxes[~boxes.file.isin(done)]
+    written: Counter = Counter()
+    problems = list(ds.problems)
+    with JsonlAppender(manifest) as app, tqdm(total=len(todo), desc="chips", unit="chip",
+                                              disable=not progress) as bar:
+        for img_path, g in todo.groupby("image_path", sort=True):
+            try:
+                with Image.open(img_path) as im:
+                    arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+            except (OSError, SyntaxError, ValueError) as e:
+                if on_error != "skip":
+                    raise DataError(f"{img_path}: cannot read image ({e})", file=img_path) from e
+                problems.append({"file": img_path, "line": None, "reason": f"cannot read image ({e})"})
+                bar.update(len(g))
+                continue
+            for r in g.itertuples():
+                chip = cut_chip(arr, (r.xmin, r.ymin, r.xmax, r.ymax), cfg.size, cfg.margin, cfg.pad)
+                atomic_save_image(Image.fromarray(chip), out / r.file)
+                taxon, lineage = lineages[r.label] if tax else (r.label, {})
+                app.write({"file": r.file, "source_image": img_path,
+                           "box": [round(float(v), 2) for v in (r.xmin, r.ymin, r.xmax, r.ymax)],
+                           "label": r.label, "taxon": taxon, "lineage": lineage, "split": r.split,
+                           "size": cfg.size})
+                written[r.label] += 1
+                bar.update(1)
+    return {"out": str(out), "manifest": str(manifest), "written": sum(written.values()),
+            "already_done": len(boxes) - len(todo), "total": len(read_jsonl(manifest)),
+            "per_label": dict(written), "skipped_small": int(_small(ds.boxes, cfg.min_box).sum()),
+            "skipped_cap": int((~_small(ds.boxes, cfg.min_box)).sum() - len(boxes)), "problems": problems}
+
+
+def _small(boxes, min_box: float):
+    return np.minimum(boxes.xmax - boxes.xmin, boxes.ymax - boxes.ymin) < min_box
+
+
+def _select(ds: DetectionDataset, cfg: ChipConfig):
+    """Boxes to cut, each with its stable index k within its image (so names survive a resume);
+    max_per_class keeps a seeded random sample per label."""
+    bx = ds.boxes.copy()
+    bx["k"] = bx.groupby("image_path").cumcount()
+    bx = bx[~_small(bx, cfg.min_box)]
+    if cfg.max_per_class:
+        shuffled = bx.sample(frac=1, random_state=cfg.seed)
+        bx = shuffled[shuffled.groupby("label").cumcount() < cfg.max_per_class].sort_index()
+    return bx
+
+
+def _check_config(out: Path, cfg: ChipConfig, taxonomy: str | Path | None) -> None:
+    """Record the settings; a resume into a folder cut with other settings is an error, not a mix."""
+    meta = out / "chips.json"
+    want = cfg.model_dump() | {"taxonomy": bool(taxonomy)}
+    if meta.is_file():
+        have = json.loads(meta.read_text(encoding="utf-8"))
+        if have != want:
+            diff = {k: (have.get(k), v) for k, v in want.items() if have.get(k) != v}
+            raise DataError(f"{meta}: {out} was cut with other settings {diff} (was, now); use a new --out",
+                            file=meta)
+    else:
+        write_json(meta, want)

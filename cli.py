@@ -92,6 +92,107 @@ def taxonomy_resolve_cmd(
 data_app = typer.Typer(no_args_is_help=True, help="Read, check and convert detection datasets.")
 app.add_typer(data_app, name="data")
 
+_FMT_HELP = "input format: yolo | yolo-obb | coco | voc | csv | vector (default: guessed from DIR)"
+
+
+@data_app.command("inspect")
+def data_inspect_cmd(
+    path: Path = typer.Argument(..., help="dataset folder (data.yaml) or annotation file/folder"),
+    fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
+    raster: Path | None = typer.Option(None, help="GeoTIFF that a vector file annotates"),
+    verify: bool = typer.Option(False, help="decode every image fully (slow) instead of reading headers"),
+    on_error: str = typer.Option("raise", help="raise | skip (skip bad files and list them)"),
+    json_out: Path | None = typer.Option(None, "--json", help="also write the statistics as JSON here"),
+) -> None:
+    """Images and boxes per split and class, box sizes in pixels, empty images, problems."""
+    from detection import read_dataset
+    from detection.inspect import inspect_dataset, report_tables
+    from synthgen.errors import SynthgenError
+    from synthgen.io_utils import write_json
+
+    try:
+        stats = inspect_dataset(read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, verify=verify))
+    except (SynthgenError, ValueError) as e:
+        _fail(e)
+    for t in report_tables(stats):
+        console.print(t)
+    if json_out:
+        write_json(json_out, stats)
+    sp = stats["splits"]
+    console.print(f"{sum(s['images'] for s in sp.values())} images, {sum(s['boxes'] for s in sp.values())} boxes, "
+                  f"{len(stats['problems'])} problems in {path}" + (f" -> {json_out}" if json_out else ""))
+
+
+@data_app.command("chips")
+def data_chips_cmd(
+    path: Path = typer.Argument(..., help="dataset folder (data.yaml) or annotation file/folder"),
+    out: Path = typer.Option(..., help="chips folder: <split>/<label>/*.png + manifest.jsonl"),
+    size: int = typer.Option(64, help="chip side in pixels"),
+    margin: float = typer.Option(0.15, help="context on each side as a fraction of max(w, h)"),
+    taxonomy: Path | None = typer.Option(None, help="taxonomy file; labels resolve through it"),
+    split: str = typer.Option("train", help="split to cut (train | val | test | all)"),
+    min_box: float = typer.Option(4, help="skip boxes whose shorter side is below this (pixels)"),
+    max_per_class: int | None = typer.Option(None, help="at most this many chips per label"),
+    pad: str = typer.Option("replicate", help="replicate | reflect where the square leaves the image"),
+    fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
+    on_error: str = typer.Option("raise", help="raise | skip"),
+) -> None:
+    """Cut every real instance into a square context chip (what the generator trains on); resumable."""
+    from pydantic import ValidationError
+
+    from detection import read_dataset
+    from detection.chips import ChipConfig, make_chips
+    from synthgen.errors import SynthgenError
+
+    try:
+        cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class)
+        ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split])
+        s = make_chips(ds, out, cfg, taxonomy=taxonomy, split=None if split == "all" else split, on_error=on_error)
+    except (SynthgenError, ValidationError, ValueError) as e:
+        _fail(e)
+    for p in s["problems"]:
+        console.print(f"[yellow]skipped[/] {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}")
+    console.print(f"{s['written']} chips written, {s['already_done']} already done, {s['skipped_small']} too small, "
+                  f"{len(s['problems'])} problems -> {s['manifest']}")
+
+
+@data_app.command("convert")
+def data_convert_cmd(
+    path: Path = typer.Argument(..., help="dataset folder (data.yaml) or annotation file/folder"),
+    out: Path = typer.Option(..., help="output folder (never inside the input)"),
+    to: str = typer.Option(..., help="yolo | yolo-obb | coco | voc | csv | gpkg | geojson | shp"),
+    fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
+    raster: Path | None = typer.Option(None, help="GeoTIFF that a vector input annotates"),
+    copy_images: bool = typer.Option(False, help="copy images into YOLO output instead of symlinking"),
+    on_error: str = typer.Option("raise", help="raise | skip"),
+) -> None:
+    """Convert annotations between formats (boxes kept in pixels; vector output in the raster's CRS)."""
+    from detection import read_dataset, write_dataset
+    from synthgen.errors import SynthgenError
+
+    try:
+        ds = read_dataset(path, fmt=fmt, raster=raster, on_error=on_error)
+        dest = write_dataset(ds, out, to, images="copy" if copy_images else "link")
+    except (SynthgenError, ValueError) as e:
+        _fail(e)
+    console.print(f"{len(ds.images)} images, {len(ds.boxes)} boxes, {len(ds.problems)} skipped -> {dest}")
+
+
+@app.command("demo")
+def demo_cmd(
+    data: Path = typer.Option(Path("../shared/data"), help="folder holding aquarium/ and glacierbay-seals/"),
+    out: Path = typer.Option(Path("runs/demo"), help="output folder"),
+) -> None:
+    """The main job end to end on the shared data (for now: inspect, taxonomy, chips); resumable."""
+    from synthgen.demo import run_demo
+    from synthgen.errors import SynthgenError
+
+    try:
+        s = run_demo(data, out)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(f"demo: {s['datasets']} datasets, {s['chips']} chips -> {s['summary']}")
+
 
 # --- train / generate (diffusion) ------------------------------------------------------------
 

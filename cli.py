@@ -198,6 +198,118 @@ def demo_cmd(
 
 
 # --- filter / evaluate-samples / train-judge -------------------------------------------------
+@app.command("train-judge")
+def train_judge_cmd(
+    chips: Path = typer.Option(..., help="chips folder (manifest.jsonl with train and val/valid splits)"),
+    out: Path = typer.Option(..., help="judge folder: judge.safetensors, judge.json, metrics.json"),
+    config: Path | None = typer.Option(None, help="judge YAML (configs/judge/*.yaml); flags override it"),
+    epochs: int | None = typer.Option(None),
+    arch: str | None = typer.Option(None, help="timm architecture, e.g. resnet18"),
+    width: float | None = typer.Option(None, help="channel multiplier for resnets (1.0 = standard)"),
+    img_size: int | None = typer.Option(None),
+    pretrained: Path | None = typer.Option(None, help="local timm weights file to start from"),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+) -> None:
+    """Train the judge: a small taxonomic classifier (one head per rank) on the real chips."""
+    from synthgen.errors import SynthgenError
+    from synthgen.scoring import JudgeConfig, train_judge
+
+    try:
+        base = JudgeConfig.from_yaml(config) if config else JudgeConfig()
+        flags = dict(epochs=epochs, arch=arch, width=width, img_size=img_size, device=device,
+                     pretrained=str(pretrained) if pretrained else None)
+        cfg = JudgeConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}))
+        m = train_judge(chips, out, cfg)
+    except (SynthgenError, ValueError) as e:
+        _fail(e)
+    if m["val"]:
+        levels = ", ".join(f"{lv} {d['accuracy']:.3f}" for lv, d in m["val"]["per_level"].items()
+                           if d["accuracy"] is not None)
+        console.print(f"{m['val_split']} accuracy per level: {levels}; at own level "
+                      f"{m['val']['taxon_accuracy']:.3f} (balanced {m['val']['balanced_taxon_accuracy']:.3f})")
+    console.print(f"judge trained on {m['train_chips']} chips -> {out}")
+
+
+def _scorer(spec: str, rows_from: list[Path], device: str, batch: int):
+    """Scorer from a CLI spec; open_clip scorers take the taxa from the given manifests."""
+    from synthgen.scoring import Pool, TaxonSpace, load_scorer
+
+    space = None
+    if not spec.startswith("judge:"):
+        rows = [r for p in rows_from if p for r in Pool.load(p).rows]
+        space = TaxonSpace.from_rows(rows, " + ".join(str(p / "manifest.jsonl") for p in rows_from if p))
+    return load_scorer(spec, space, device=device, batch_size=batch)
+
+
+@app.command("filter")
+def filter_cmd(
+    pool: Path = typer.Option(..., help="generated pool folder (manifest.jsonl)"),
+    scorer: str = typer.Option(..., help="judge:DIR | bioclip[:PATH] | clip:NAME[:TAG|PATH]"),
+    out: Path | None = typer.Option(None, help="new pool: kept chips, rejected/, manifest.jsonl with scores"),
+    reference: Path | None = typer.Option(None, help="real chips folder: centroid score, near-copy check, "
+                                                     "calibration on its val split"),
+    config: Path | None = typer.Option(None, help="filter YAML (configs/filter/*.yaml); flags override it"),
+    score: str | None = typer.Option(None, help="score to threshold: p_taxon | centroid_cos | text_sim | p_<level>"),
+    mode: str | None = typer.Option(None, help="fixed | calibrated | topk"),
+    threshold: float | None = typer.Option(None, help="fixed threshold"),
+    percentile: float | None = typer.Option(None, help="calibrated: k-th percentile of real held-out chips"),
+    top_k: int | None = typer.Option(None, help="topk: chips kept per taxon"),
+    in_place: bool = typer.Option(False, "--in-place", help="move rejects into POOL/rejected/ (changes POOL)"),
+    batch: int = typer.Option(64, help="images per scoring batch"),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Keep generated chips that look like their intended taxon; link or move the rest to rejected/."""
+    from rich.table import Table
+
+    from synthgen.errors import SynthgenError
+    from synthgen.filter import FilterConfig, filter_pool
+
+    try:
+        base = FilterConfig.from_yaml(config) if config else FilterConfig()
+        flags = dict(score=score, mode=mode, threshold=threshold, percentile=percentile, top_k=top_k, batch_size=batch)
+        cfg = FilterConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}))
+        sc = _scorer(scorer, [pool, reference], device, cfg.batch_size)
+        s = filter_pool(pool, sc, out, cfg, reference=reference, in_place=in_place)
+    except (SynthgenError, ValueError) as e:
+        _fail(e)
+    table = Table(title=f"pass rates ({s['score']}, {cfg.mode})")
+    for col in ("taxon", "label", "n", "kept", "pass rate", "threshold", "low score", "near copy", "duplicate",
+                "not top-k"):
+        table.add_column(col)
+    for t, d in sorted(s["per_taxon"].items()):
+        thr = "-" if d["threshold"] is None else f"{d['threshold']:.3f}"
+        table.add_row(t, d["label"], str(d["n"]), str(d["kept"]), f"{d['pass_rate']:.1%}", thr, str(d["low_score"]),
+                      str(d["near_copy"]), str(d["duplicate"]), str(d["not_top_k"]))
+    console.print(table)
+    console.print(f"kept {s['kept']} of {s['n']} chips ({s['rejected']} in rejected/) -> {s['out']}")
+
+
+@app.command("evaluate-samples")
+def evaluate_samples_cmd(
+    generated: Path = typer.Option(..., help="generated pool folder (manifest.jsonl)"),
+    real: Path = typer.Option(..., help="real chips folder; its val/valid split is the held-out reference"),
+    out: Path = typer.Option(..., help="report folder: sample_quality.json / .md, best_worst.png"),
+    train: Path | None = typer.Option(None, help="chips folder whose train split trained the generator "
+                                                 "(default: --real)"),
+    features: str = typer.Option(..., help="judge:DIR | bioclip[:PATH] | clip:NAME[:TAG|PATH]"),
+    k: int = typer.Option(3, help="neighbours for precision/recall"),
+    batch: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+) -> None:
+    """FD, KID, precision/recall, diversity, per-rank accuracy and memorisation vs a real floor."""
+    from synthgen.errors import SynthgenError
+    from synthgen.metrics import evaluate_samples
+
+    try:
+        sc = _scorer(features, [generated, real], device, batch)
+        res = evaluate_samples(generated, real, sc, out, train=train, k=k)
+    except (SynthgenError, ValueError) as e:
+        _fail(e)
+    o = res["overall"]
+    console.print(f"FD {o['fd']['generated']:.2f} (real floor {o['fd']['real']:.2f}), KID {o['kid']['generated']:.4f} "
+                  f"(floor {o['kid']['real']:.4f}), precision {o['precision']['generated']:.2f} / recall "
+                  f"{o['recall']['generated']:.2f}, accuracy {o['taxon_accuracy']['generated']:.2f} "
+                  f"(real {o['taxon_accuracy']['real']:.2f}) -> {Path(out) / 'sample_quality.md'}")
 
 
 # --- augment-dataset (compose) --------------------------------------------------------------

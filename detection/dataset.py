@@ -82,7 +82,8 @@ class _Collector:
         self.problems.append({"file": str(file), "line": line, "reason": reason})
 
 
-def _split_name(s: str) -> str:
+def canonical_split(s: str) -> str:
+    """Roboflow's `valid` / `validation` are the `val` split (data.yaml keys are train/val/test)."""
     return SPLIT_ALIASES.get(s, s)
 
 
@@ -400,7 +401,7 @@ def _read_coco(path: Path, col: _Collector, split: str | None, images_dir: Path 
             raise DataError(f"{jf}: not a COCO file (needs images, annotations, categories)", file=jf)
         cats = {c["id"]: str(c["name"]) for c in sorted(d["categories"], key=lambda c: c["id"])}
         names += [n for n in cats.values() if n not in names]
-        sp = _split_name(split or (jf.stem if _split_name(jf.stem) in ("train", "val", "test") else "train"))
+        sp = canonical_split(split or (jf.stem if canonical_split(jf.stem) in ("train", "val", "test") else "train"))
         anns: dict = {}
         for a in d["annotations"]:
             anns.setdefault(a.get("image_id"), []).append(a)
@@ -459,7 +460,7 @@ def _read_voc(path: Path, col: _Collector, split: str | None, images_dir: Path |
         groups = {split or "train": sorted(path.glob("*.xml"))}
         for sub in sorted(p for p in path.iterdir() if p.is_dir()):
             if any(sub.glob("*.xml")):
-                groups[_split_name(sub.name)] = sorted(sub.glob("*.xml"))
+                groups[canonical_split(sub.name)] = sorted(sub.glob("*.xml"))
     else:
         groups = {split or "train": [path]}
     images: list[dict] = []
@@ -546,7 +547,7 @@ def _read_csv(path: Path, col: _Collector, split: str | None, images_dir: Path |
         missing = [c for c in CSV_COLUMNS if c not in df.columns]
         if missing:
             raise DataError(f"{cf}:1: missing column(s) {missing}; expected {','.join(CSV_COLUMNS)}", file=cf, line=1)
-        sp = _split_name(split or (cf.stem if _split_name(cf.stem) in ("train", "val", "test") else "train"))
+        sp = canonical_split(split or (cf.stem if canonical_split(cf.stem) in ("train", "val", "test") else "train"))
         for name, g in df.groupby("image_path", sort=False):
             img = _resolve_image(name, cf.parent, images_dir)
             row_boxes, ok = [], True
@@ -613,7 +614,7 @@ def _read_vector(path: Path, col: _Collector, split: str | None, raster: Path | 
             raise DataError(f"{vf}: needs a `label` column, has {list(gdf.columns)}", file=vf)
         if raster is None and "image_path" not in gdf.columns:
             raise DataError(f"{vf}: no `image_path` column; pass the GeoTIFF it annotates (raster=...)", file=vf)
-        sp = _split_name(split or (vf.stem if _split_name(vf.stem) in ("train", "val", "test") else "train"))
+        sp = canonical_split(split or (vf.stem if canonical_split(vf.stem) in ("train", "val", "test") else "train"))
         groups = {str(raster): gdf} if raster is not None else dict(tuple(gdf.groupby("image_path", sort=False)))
         for name, g in groups.items():
             img = _resolve_image(name, vf.parent, None)

@@ -1,0 +1,144 @@
+"""Typed configs for the latent (Stable Diffusion + LoRA) backend; every default runs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from synthgen.errors import ConfigError
+
+
+class _Base(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path):
+        """Load with yaml.safe_load; errors name the file (and the field)."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            line = getattr(getattr(e, "problem_mark", None), "line", None)
+            where = f"{path}:{line + 1}" if line is not None else str(path)
+            raise ConfigError(f"{where}: invalid YAML ({e})") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        try:
+            return cls.model_validate(data)
+        except ValidationError as e:
+            raise ConfigError(f"{path}: {e}") from e
+
+
+class LoraConfig(_Base):
+    """LoRA on the UNet attention projections (peft)."""
+
+    rank: int = Field(16, ge=1)
+    alpha: float = Field(16.0, gt=0)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    targets: list[str] = Field(default_factory=lambda: ["to_q", "to_k", "to_v", "to_out.0"])
+
+
+class ConditionerConfig(_Base):
+    """TaxaDiffusion-style per-rank modules: rank text -> frozen encoder -> small MLP, summed."""
+
+    hidden: int = Field(256, ge=1)
+    rank_template: str = "{level}: {name}"
+    base_prompt: str = "a photo of an animal"
+    freeze_previous: bool = False  # later stages: keep training earlier ranks' modules (default) or freeze them
+
+
+class DreamBoothConfig(_Base):
+    """Plain LoRA fine-tuning on one taxon's images with one prompt ("From Noise to Nature")."""
+
+    prompt: str = "a photo of an animal"
+    taxon: str | None = None  # chips folder: train only this taxon; image folder: the taxon to record
+    label: str | None = None
+
+
+class LatentTrainConfig(_Base):
+    """Train config for `backend: latent` (the pixel engineer's train config reads `backend` too)."""
+
+    backend: Literal["latent"] = "latent"
+    method: Literal["taxonomy", "dreambooth"] = "taxonomy"
+    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    revision: str | None = None
+    local_files_only: bool = False
+    resolution: int = Field(512, ge=8)
+    split: str = "train"
+    levels: list[str] | None = None  # subset of the taxonomy levels to condition on (coarse to fine)
+    steps_per_stage: int | list[int] = 500
+    batch_size: int = Field(4, ge=1)
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    conditioner_lr: float | None = None
+    weight_decay: float = 1e-2
+    snr_gamma: float | None = None
+    cond_dropout: float = Field(0.1, ge=0, le=1)  # drop all conditioning -> unconditional (for CFG)
+    level_dropout: float = Field(0.2, ge=0, le=1)  # drop the finest ranks -> parent conditional (taxonomic guidance)
+    hflip: bool = True
+    seed: int = 0
+    device: str = "auto"
+    mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 on CUDA only
+    gradient_checkpointing: bool = False
+    xformers: bool = False  # SDPA is used by default; xformers only if installed and asked for
+    checkpoint_every: int = Field(100, ge=1)
+    num_workers: int = 0
+    lora: LoraConfig = Field(default_factory=LoraConfig)
+    conditioner: ConditionerConfig = Field(default_factory=ConditionerConfig)
+    dreambooth: DreamBoothConfig = Field(default_factory=DreamBoothConfig)
+
+    @field_validator("resolution")
+    @classmethod
+    def _multiple_of_8(cls, v: int) -> int:
+        if v % 8:
+            raise ValueError(f"resolution must be a multiple of 8, got {v}")
+        return v
+
+
+class GuidanceConfig(_Base):
+    """How conditionals are combined while sampling.
+
+    cfg: eps = u + scale (c - u). taxonomic: the reference is the same lineage cut at a coarser
+    level (`reference`, default the parent), eps = r + scale (c - r) with r itself CFG-guided by
+    `cfg_scale`, which pushes samples toward what distinguishes the taxon from its siblings.
+    `window` = [start, end] fraction of the trajectory (0 = pure noise) where guidance applies.
+    """
+
+    mode: Literal["none", "cfg", "taxonomic"] = "cfg"
+    scale: float = 7.5
+    reference: str | None = None
+    cfg_scale: float = 5.0
+    window: tuple[float, float] = (0.0, 1.0)
+
+
+class CutConfig(_Base):
+    """Segment the generated animal and cut it out (RGBA chip) for the compositor."""
+
+    enabled: bool = True
+    method: Literal["grabcut"] = "grabcut"
+    margin: float = Field(0.05, ge=0, lt=0.5)  # fraction of the side left as background seed
+    iterations: int = Field(5, ge=1)
+    pad: int = Field(4, ge=0)
+    min_area: float = Field(0.01, ge=0, le=1)  # masks smaller (or > 1 - min_area) fall back to the full image
+
+
+class LatentGenerateConfig(_Base):
+    """Generation config for a latent model folder."""
+
+    resolution: int | None = None  # default: the training resolution
+    steps: int = Field(30, ge=1)
+    sampler: Literal["ddim", "dpm++", "euler", "euler_a", "pndm", "ddpm"] = "dpm++"
+    batch_size: int = Field(4, ge=1)
+    seed: int = 0
+    prompt: str | None = None  # dreambooth models: default is the training prompt
+    device: str = "auto"
+    mixed_precision: Literal["bf16", "no"] = "bf16"
+    local_files_only: bool = False
+    base_model: str | None = None  # override where the base weights are (e.g. a local copy)
+    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    cut: CutConfig = Field(default_factory=CutConfig)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -40,6 +41,7 @@ def small(aquarium):
 
 def test_manifest_taxonomy_and_resume(small, configs, tmp_path):
     out = tmp_path / "chips"
+    inputs = {p: (Path(p).stat().st_mtime_ns, Path(p).read_bytes()) for p in small.images.image_path}
     s = make_chips(small, out, ChipConfig(size=32), taxonomy=configs / "taxonomy" / "aquarium.csv", progress=False)
     rows = read_jsonl(out / "manifest.jsonl")
     big = small.boxes[np.minimum(small.boxes.xmax - small.boxes.xmin, small.boxes.ymax - small.boxes.ymin) >= 4]
@@ -68,6 +70,7 @@ def test_manifest_taxonomy_and_resume(small, configs, tmp_path):
     assert s3["written"] == 0 and s3["total"] == len(rows)
     with pytest.raises(DataError, match="other settings"):
         make_chips(small, out, ChipConfig(size=64), taxonomy=configs / "taxonomy" / "aquarium.csv")
+    assert inputs == {p: (Path(p).stat().st_mtime_ns, Path(p).read_bytes()) for p in small.images.image_path}
 
 
 def test_max_per_class_and_unknown_label(small, seals, configs, tmp_path):

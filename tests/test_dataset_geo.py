@@ -67,3 +67,14 @@ def test_vector_in_other_crs_is_reprojected(geo, osbs, tmp_path):
     d = np.abs(back.boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy()
                - osbs.boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy())
     assert d.max() < 0.5
+
+
+def test_cli_convert_to_geopackage(geo, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["data", "convert", str(geo / "OSBS_029.xml"), "--out", str(tmp_path), "--to", "gpkg"])
+    assert r.exit_code == 0, r.output
+    assert "61 boxes" in r.output
+    assert len(read_dataset(tmp_path / "train.gpkg").boxes) == 61

@@ -101,10 +101,10 @@ def data_inspect_cmd(
     fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
     raster: Path | None = typer.Option(None, help="GeoTIFF that a vector file annotates"),
     verify: bool = typer.Option(False, help="decode every image fully (slow) instead of reading headers"),
-    on_error: str = typer.Option("raise", help="raise | skip (skip bad files and list them)"),
+    on_error: str = typer.Option("skip", help="skip (list every bad file, exit 1) | raise (stop at the first)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the statistics as JSON here"),
 ) -> None:
-    """Images and boxes per split and class, box sizes in pixels, empty images, problems."""
+    """Images and boxes per split and class, box sizes in pixels, empty images, problems (exit 1 if any)."""
     from detection import read_dataset
     from detection.inspect import inspect_dataset, report_tables
     from synthgen.errors import SynthgenError
@@ -121,6 +121,8 @@ def data_inspect_cmd(
     sp = stats["splits"]
     console.print(f"{sum(s['images'] for s in sp.values())} images, {sum(s['boxes'] for s in sp.values())} boxes, "
                   f"{len(stats['problems'])} problems in {path}" + (f" -> {json_out}" if json_out else ""))
+    if stats["problems"]:
+        raise typer.Exit(1)
 
 
 @data_app.command("chips")

@@ -68,10 +68,12 @@ def test_corrupt_image(copy):
     assert str(img.resolve()) in str(e.value) or str(img) in str(e.value)
     ds = read_dataset(copy, on_error="skip")
     assert len(ds.images) == 2 and len(ds.problems) == 1
-    r = CliRunner().invoke(app, ["data", "inspect", str(copy), "--on-error", "skip"])
-    assert r.exit_code == 0 and "1 problems" in r.output and "cannot read image" in r.output
-    r = CliRunner().invoke(app, ["data", "inspect", str(copy)])
-    assert r.exit_code == 1 and "cannot read image" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["data", "inspect", str(copy)])  # lists every problem, exits 1
+    assert r.exit_code == 1 and "1 problems" in r.output and "cannot read image" in r.output
+    assert "2 images" in r.output
+    r = CliRunner().invoke(app, ["data", "inspect", str(copy), "--on-error", "raise"])
+    assert r.exit_code == 1 and "error:" in r.output and "cannot read image" in r.output
+    assert "Traceback" not in r.output
 
 
 def test_truncated_image_found_only_with_verify(copy):

@@ -238,7 +238,7 @@ def _sniff_obb(files: list[Path]) -> bool:
     for img in files:
         lab = label_path(img)
         if lab.is_file():
-            for line in lab.read_text(encoding="utf-8", errors="replace").splitlines():
+            for line in lab.read_text(encoding="utf-8-sig", errors="replace").splitlines():
                 if line.split():
                     return len(line.split()) == 9
     return False
@@ -286,7 +286,7 @@ def _parse_label_file(lab: Path, col: _Collector, names: list[str], nf: int, tol
     if not lab.is_file():
         return []
     rows = []
-    for ln, line in enumerate(lab.read_text(encoding="utf-8", errors="replace").splitlines(), 1):
+    for ln, line in enumerate(lab.read_text(encoding="utf-8-sig", errors="replace").splitlines(), 1):
         v = line.split()
         if not v:
             continue

@@ -10,8 +10,10 @@ from detection.dataset import DetectionDataset
 def inspect_dataset(ds: DetectionDataset) -> dict:
     """Per split: image count, empty images (no boxes), boxes per class, box sizes in pixels
     (min/median/max of width and height, overall and per class); plus the problems found."""
+    per_image = ds.images.groupby("image_path").split.nunique()
     out: dict = {"format": ds.fmt, "root": ds.root, "names": list(ds.names), "splits": {},
-                 "problems": list(ds.problems)}
+                 "problems": list(ds.problems),
+                 "images_in_several_splits": sorted(per_image.index[per_image > 1])}
     for split in ds.splits:
         im = ds.images[ds.images.split == split]
         bx = ds.boxes[ds.boxes.split == split]
@@ -65,6 +67,12 @@ def report_tables(stats: dict) -> list:
                 sizes.add_row(s, n, f"{st['w_min']:g} / {st['w_median']:g} / {st['w_max']:g}",
                               f"{st['h_min']:g} / {st['h_median']:g} / {st['h_max']:g}")
     tables = [t, sizes]
+    if stats["images_in_several_splits"]:
+        leak = Table(title=f"{len(stats['images_in_several_splits'])} images in more than one split (leak)")
+        leak.add_column("image")
+        for p in stats["images_in_several_splits"][:20]:
+            leak.add_row(p)
+        tables.append(leak)
     if stats["problems"]:
         p = Table(title=f"{len(stats['problems'])} problems (skipped)")
         for c in ("file", "line", "reason"):

@@ -131,6 +131,12 @@ def test_data_yaml_variants(aquarium, aquarium_small, tmp_path):
     _assert_same_boxes(aquarium_small, ds)
     save_data_yaml(tmp_path / "w" / "data.yaml", ds.names, {"train": "train/images"})
     assert read_data_yaml(tmp_path / "w" / "data.yaml").names == ds.names
+    # the same images in two splits is reported as a leak
+    leak = tmp_path / "leak.yaml"
+    leak.write_text(f"path: {tmp_path}\ntrain: y/train/images\ntest: y/train/images\n"
+                    f"names: {dict(enumerate(aquarium_small.names))}\n")
+    st = inspect_dataset(read_dataset(leak))
+    assert len(st["images_in_several_splits"]) == 3 and set(st["splits"]) == {"train", "test"}
 
 
 def test_write_refuses_input_folder(aquarium, aquarium_small):

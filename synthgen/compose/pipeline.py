@@ -1,0 +1,550 @@
+"""`augment-dataset`: paste pool instances into real background tiles and write a new detection
+dataset (YOLO detect + seg labels, COCO JSON, data.yaml with separate real/synthetic lists,
+GeoTIFF + GeoPackage for georeferenced inputs, per-instance provenance, previews).
+
+Resumable: `manifest.jsonl` (one row per finished output tile, appended after its files are
+written atomically) is the truth; a rerun skips the tiles listed there and drops provenance rows
+of tiles that never reached it. Every tile has its own seed, so results do not depend on the
+number of worker processes."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import tempfile
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pandas as pd
+from PIL import Image
+from tqdm import tqdm
+
+from synthgen.compose.blend import (
+    build_tile_aug,
+    estimate_jpeg_quality,
+    jpeg_bytes,
+    paste,
+    transform_instance,
+)
+from synthgen.compose.config import ComposeConfig
+from synthgen.compose.masks import compute_mask_cached
+from synthgen.compose.placement import (
+    color_habitat,
+    find_position,
+    raster_habitat,
+    sample_count,
+    vector_habitat,
+)
+from synthgen.compose.scale import DatasetSizes, gsd_from_transform, physical_length_px
+from synthgen.errors import SynthgenError
+from synthgen.io_utils import JsonlAppender, atomic_write, read_jsonl, write_json
+
+RASTER_EXT = {".tif", ".tiff"}
+IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+@dataclass
+class AugmentResult:
+    out: Path
+    n_tiles: int
+    n_pasted: int
+    n_skipped_instances: int
+    n_masks_rejected: int
+    data_yaml: Path
+
+
+# --- inputs ---------------------------------------------------------------------------------------
+def _background_dataset(path: Path):
+    """A folder of unannotated tiles/GeoTIFFs (or one file) as a dataset table with no boxes."""
+    from detection import DetectionDataset
+    from detection.dataset import BOX_COLUMNS, IMAGE_COLUMNS, image_size
+
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXT)
+    if not files:
+        raise SynthgenError(f"{path}: no images or GeoTIFFs found")
+    rows = []
+    for f in files:
+        w, h = image_size(f)
+        rows.append({"image_path": str(f.resolve()), "width": w, "height": h, "split": "train", "source": "folder"})
+    return DetectionDataset(pd.DataFrame(rows, columns=IMAGE_COLUMNS), pd.DataFrame(columns=BOX_COLUMNS), [],
+                            root=str(path))
+
+
+def load_backgrounds(dataset: str | Path):
+    """A detection dataset (any format detection reads) or a folder/file of bare background tiles."""
+    from detection import read_dataset
+
+    p = Path(dataset)
+    if not p.exists():
+        raise SynthgenError(f"{p}: dataset not found")
+    bare = p.is_file() and p.suffix.lower() in IMAGE_EXT or (
+        p.is_dir() and not (p / "data.yaml").exists() and any(x.suffix.lower() in IMAGE_EXT for x in p.iterdir()))
+    return _background_dataset(p) if bare else read_dataset(p)
+
+
+def load_pool(pools: list[Path], names: list[str]) -> list[dict]:
+    """Pool rows with absolute chip paths and class ids; a row without taxon, a missing chip or a
+    label outside the dataset's names is an error naming the manifest line."""
+    items = []
+    for pool in pools:
+        man = Path(pool) / "manifest.jsonl"
+        if not man.is_file():
+            raise SynthgenError(f"{pool}: no manifest.jsonl (an instance pool needs one)")
+        for i, row in enumerate(read_jsonl(man), 1):
+            if row.get("kept") is False:
+                continue  # rejected by `synthgen filter`
+            if not row.get("taxon"):
+                raise SynthgenError(f"{man}:{i}: chip {row.get('file')!r} has no taxon")
+            f = Path(pool) / str(row.get("file", ""))
+            if not row.get("file") or not f.is_file():
+                raise SynthgenError(f"{man}:{i}: chip file {f} not found")
+            label = row.get("label")
+            if label not in names:
+                label = row["taxon"] if row["taxon"] in names else label
+            if label not in names:
+                raise SynthgenError(f"{man}:{i}: pool label {row.get('label')!r} (taxon {row['taxon']!r}) is not "
+                                    f"in the dataset's names {names}")
+            items.append({"pool": str(Path(pool).resolve()), "file": str(f.resolve()), "rel": row["file"],
+                          "label": label, "taxon": row["taxon"], "cls": names.index(label)})
+    if not items:
+        raise SynthgenError(f"pools {[str(p) for p in pools]}: no usable instances")
+    return items
+
+
+def _body_lengths(cfg: ComposeConfig, items: list[dict]) -> dict[str, float]:
+    """label -> body length (m): config overrides first, then the taxonomy's body_length_m."""
+    out = dict(cfg.scale.body_length_m)
+    tax = None
+    if cfg.scale.taxonomy:
+        from taxonomy import Taxonomy
+
+        tax = Taxonomy.load(cfg.scale.taxonomy)
+    for it in items:
+        if it["label"] in out:
+            continue
+        t = tax.resolve(it["taxon"]) if tax is not None else None
+        if t is None or not t.body_length_m:
+            raise SynthgenError(f"physical scale needs a body length for {it['taxon']!r}: set scale.body_length_m "
+                                f"or a scale.taxonomy file with body_length_m")
+        out[it["label"]] = float(t.body_length_m)
+    return out
+
+
+# --- worker side ----------------------------------------------------------------------------------
+_STATE: dict = {}
+
+
+def _init_worker(state: dict) -> None:
+    _STATE.clear()
+    _STATE.update(state)
+    _STATE["aug"] = build_tile_aug(state["cfg"].tile_aug)
+    cv2.setNumThreads(1)
+
+
+@lru_cache(maxsize=512)
+def _load_item(chip: str, mask: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Chip RGB, alpha (float 0..1) and the mask's convex hull points (for rotated-box sizes)."""
+    rgb = np.asarray(Image.open(chip).convert("RGB"))
+    m = np.asarray(Image.open(mask).convert("L"))
+    hull = cv2.convexHull(cv2.findNonZero((m > 127).astype(np.uint8))).reshape(-1, 2).astype(np.float32)
+    return rgb, (m > 127).astype(np.float32), hull
+
+
+def _rotated_extent(hull: np.ndarray, angle: float) -> tuple[float, float]:
+    """Width/height of the box around the mask rotated by `angle` (pixel-edge extents)."""
+    c, s = math.cos(math.radians(angle)), math.sin(math.radians(angle))
+    corners = np.concatenate([hull + d for d in ((0, 0), (1, 0), (0, 1), (1, 1))])
+    x = corners[:, 0] * c + corners[:, 1] * s
+    y = -corners[:, 0] * s + corners[:, 1] * c
+    return float(x.max() - x.min()), float(y.max() - y.min())
+
+
+def _tile_seed(seed: int, image_path: str, copy: int) -> int:
+    return int.from_bytes(hashlib.sha1(f"{seed}|{Path(image_path).name}|{copy}".encode()).digest()[:8], "little")
+
+
+def _read_tile(path: str) -> tuple[np.ndarray, dict | None, int]:
+    """RGB tile, the raster profile for GeoTIFFs with a CRS (else None), and the JPEG quality."""
+    if Path(path).suffix.lower() in RASTER_EXT:
+        import rasterio
+
+        with rasterio.open(path) as src:
+            if src.crs is not None and not src.transform.is_identity:
+                arr = src.read(indexes=[1, 2, 3] if src.count >= 3 else [1, 1, 1])
+                return np.ascontiguousarray(arr.transpose(1, 2, 0).astype(np.uint8)), dict(src.profile), 90
+    img = Image.open(path)
+    return np.array(img.convert("RGB")), None, estimate_jpeg_quality(img)
+
+
+def _alpha_polygon(a: np.ndarray, x: int, y: int) -> list[float]:
+    """Outer contour of the pasted alpha (> 0.5) in tile pixels, for YOLO-seg / COCO segmentation."""
+    cnts, _ = cv2.findContours((a > 0.5).astype(np.uint8), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
+    c = max(cnts, key=cv2.contourArea)
+    c = cv2.approxPolyDP(c, 0.7, True).reshape(-1, 2).astype(float) + 0.5
+    if len(c) < 3:
+        c = np.array([[0, 0], [a.shape[1], 0], [a.shape[1], a.shape[0]], [0, a.shape[0]]], float)
+    return (c + [x, y]).ravel().round(2).tolist()
+
+
+def compose_tile(job: dict) -> dict:
+    """Make one synthetic tile (job: background image, copy index, output stem, existing boxes);
+    writes image + labels atomically and returns the manifest row and provenance rows."""
+    st = _STATE
+    cfg: ComposeConfig = st["cfg"]
+    rng = np.random.default_rng(_tile_seed(cfg.seed, job["image_path"], job["copy"]))
+    tile, profile, quality = _read_tile(job["image_path"])
+    th, tw = tile.shape[:2]
+    georef = (profile["transform"], profile["crs"]) if profile else None
+    habitat = None
+    hc = cfg.habitat
+    if hc.kind == "color":
+        habitat = color_habitat(tile, hc)
+    elif hc.kind == "raster":
+        habitat = raster_habitat(hc, job["image_path"], (th, tw), georef)
+    elif hc.kind == "vector":
+        habitat = vector_habitat(st["habitat_gdf"], job["image_path"], (th, tw), georef)
+    existing = [list(b) for b in job["boxes"]] if cfg.keep_existing_labels else []
+    occupied = [b[:4] for b in job["boxes"]]  # never paste over a real animal, even if its label is dropped
+    if habitat is not None:
+        habitat = habitat.copy()
+        for x0, y0, x1, y1 in occupied:
+            habitat[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = 0
+    gsd = None
+    if cfg.scale.mode == "physical":
+        if profile is None:
+            raise SynthgenError(f"{job['image_path']}: not a GeoTIFF with a CRS, so physical scale (body length / "
+                                "GSD) is impossible; use scale.mode: dataset")
+        if profile["crs"].is_geographic:
+            raise SynthgenError(f"{job['image_path']}: CRS is geographic (degrees); physical scale needs a projected "
+                                "CRS in metres")
+        gsd = gsd_from_transform(profile["transform"], job["image_path"])
+    items = st["items"]
+    pad = int(math.ceil(cfg.blend.feather_px)) + 2
+    names = [m for m, w in cfg.blend.mix.items() if w > 0]
+    weights = np.array([cfg.blend.mix[m] for m in names], float)
+    pasted, prov, skipped = [], [], 0
+    for _ in range(sample_count(cfg.count, rng)):
+        it = items[rng.integers(len(items))]
+        rgb, alpha, hull = _load_item(it["file"], it["mask"])
+        hflip = bool(rng.random() < 0.5)
+        vflip = bool(cfg.view == "nadir" and rng.random() < 0.5)
+        max_rot = cfg.max_rotation_deg if cfg.view == "nadir" else 0.0
+        angle = float(rng.uniform(-max_rot, max_rot)) if max_rot > 0 else 0.0
+        ew, eh = _rotated_extent(hull, angle)
+        if gsd is not None:
+            hw, hh = _rotated_extent(hull, 0.0)
+            scale = physical_length_px(st["body_lengths"][it["label"]], gsd, rng, cfg.scale.jitter) / max(hw, hh)
+        else:
+            scale = st["sizes"].sample(it["label"], rng) / math.sqrt(ew * eh)
+        if ew * scale > tw or eh * scale > th:
+            raise SynthgenError(f"{job['image_path']}: tile {tw}x{th} is smaller than instance {it['file']} at "
+                                f"scale {scale:.2f} ({ew * scale:.0f}x{eh * scale:.0f} px)")
+        fg, a = transform_instance(rgb, alpha, scale, angle, hflip, vflip, pad)
+        if a.size == 0 or not (a > 0.5).any():
+            skipped += 1
+            continue
+        ys, xs = np.nonzero(a > 0.5)
+        pbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+        occ = np.array([b[:4] for b in existing] + [p["box"] for p in pasted] + occupied, float).reshape(-1, 4)
+        pos = find_position(a, pbox, (th, tw), occ, habitat, cfg.max_overlap, hc.min_fraction,
+                            cfg.placement_tries, rng)
+        if pos is None:
+            skipped += 1
+            continue
+        x, y = pos
+        mode = str(rng.choice(names, p=weights / weights.sum()))
+        used = paste(tile, fg, a, x, y, mode, cfg.blend, rng)
+        ys, xs = np.nonzero(used > 0.5)
+        if not len(ys):
+            skipped += 1
+            continue
+        box = [x + int(xs.min()), y + int(ys.min()), x + int(xs.max()) + 1, y + int(ys.max()) + 1]
+        poly = _alpha_polygon(used, x, y)
+        pasted.append({"box": box, "cls": it["cls"], "poly": poly})
+        prov.append({"tile": job["out_rel"], "background": job["image_path"], "pool": it["pool"],
+                     "pool_item": it["rel"], "label": it["label"], "taxon": it["taxon"], "x": x, "y": y,
+                     "scale": round(scale, 4), "rotation": round(angle, 2), "hflip": hflip, "vflip": vflip,
+                     "blend": mode, "mask_method": it["mask_method"], "box": box})
+    aug = st.get("aug")
+    if aug is not None and profile is None:
+        aug.set_random_seed(int(rng.integers(2**31)))
+        tile = aug(image=tile)["image"]
+    out_img = st["out"] / job["out_rel"]
+    if profile is not None:
+        _write_geotiff(tile, profile, out_img)
+    else:
+        with atomic_write(out_img, "wb") as f:
+            f.write(jpeg_bytes(tile, cfg.tile_aug.jpeg_quality or quality))
+    # labels: real boxes (OBB corners kept as polygons for seg) + pasted boxes/polygons
+    det, seg = [], []
+    for b in existing:
+        x0, y0, x1, y1, c, obb = b[0], b[1], b[2], b[3], int(b[4]), b[5]
+        det.append(_yolo_line(c, [x0, y0, x1, y1], tw, th))
+        pts = obb if obb is not None else [x0, y0, x1, y0, x1, y1, x0, y1]
+        seg.append(_seg_line(c, pts, tw, th))
+    for p in pasted:
+        det.append(_yolo_line(p["cls"], p["box"], tw, th))
+        seg.append(_seg_line(p["cls"], p["poly"], tw, th))
+    stem = Path(job["out_rel"]).with_suffix(".txt").name
+    for sub, lines in (("labels", det), ("labels-seg", seg)):
+        with atomic_write(st["out"] / sub / job["split"] / stem) as f:
+            f.write("".join(line + "\n" for line in lines))
+    row = {"output": job["out_rel"], "background": job["image_path"], "copy": job["copy"], "width": tw,
+           "height": th, "geo": profile is not None, "n_pasted": len(pasted), "n_skipped": skipped,
+           "real": [[*b[:5], b[5]] for b in existing], "pasted": pasted}
+    return {"row": row, "prov": prov}
+
+
+def _yolo_line(c: int, b, w: int, h: int) -> str:
+    x0, y0, x1, y1 = (max(0.0, min(float(v), lim)) for v, lim in zip(b, (w, h, w, h), strict=True))
+    return f"{c} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}"
+
+
+def _seg_line(c: int, pts, w: int, h: int) -> str:
+    xy = np.asarray(pts, float).reshape(-1, 2) / [w, h]
+    return f"{c} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0, 1).ravel())
+
+
+def _write_geotiff(tile: np.ndarray, profile: dict, path: Path) -> None:
+    """Same grid and CRS as the source; written beside the target and renamed (atomic)."""
+    import rasterio
+
+    prof = {k: v for k, v in profile.items() if k not in ("blockxsize", "blockysize", "tiled", "nodata")}
+    prof.update(driver="GTiff", count=3, dtype="uint8", compress="lzw")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tif", dir=path.parent)
+    os.close(fd)
+    try:
+        with rasterio.open(tmp, "w", **prof) as dst:
+            dst.write(tile.transpose(2, 0, 1))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+# --- driver ---------------------------------------------------------------------------------------
+def _jobs(ds, cfg: ComposeConfig, image_list: Path | None, n_images: int | None) -> list[dict]:
+    im = ds.images[ds.images.split.isin(cfg.background_splits)]
+    if image_list is not None:
+        wanted = {os.path.normpath(os.path.abspath(line.strip()))
+                  for line in Path(image_list).read_text().splitlines() if line.strip()}
+        im = im[im.image_path.map(lambda p: os.path.normpath(p) in wanted)]
+    if im.empty:
+        raise SynthgenError(f"{ds.root}: no background tiles in splits {cfg.background_splits}"
+                            + (f" listed in {image_list}" if image_list else ""))
+    names = ds.names
+    by_img = {k: g for k, g in ds.boxes.groupby("image_path")} if len(ds.boxes) else {}
+    jobs, seen = [], set()
+    for r in im.sort_values("image_path").itertuples():
+        g = by_img.get(r.image_path)
+        boxes = []
+        if g is not None:
+            for b in g.itertuples():
+                obb = None if b.obb is None or (isinstance(b.obb, float) and math.isnan(b.obb)) else list(b.obb)
+                boxes.append([float(b.xmin), float(b.ymin), float(b.xmax), float(b.ymax), names.index(b.label), obb])
+        src = Path(r.image_path)
+        ext = ".tif" if src.suffix.lower() in RASTER_EXT else ".jpg"
+        for k in range(cfg.copies_per_tile):
+            stem = f"{src.stem}__syn{k}"
+            if stem in seen:
+                stem = f"{src.stem}_{hashlib.sha1(str(src).encode()).hexdigest()[:6]}__syn{k}"
+            seen.add(stem)
+            jobs.append({"image_path": r.image_path, "copy": k, "split": "train", "boxes": boxes,
+                         "out_rel": f"images/train/{stem}{ext}"})
+    if n_images is not None and n_images < len(jobs):
+        rng = np.random.default_rng(cfg.seed)
+        jobs = [jobs[i] for i in sorted(rng.choice(len(jobs), n_images, replace=False))]
+    return jobs
+
+
+def _run(fn, args: list, workers: int, init_state: dict | None, desc: str):
+    """Map `fn` over `args` in-process (workers <= 1) or with a process pool, in completion order."""
+    if workers <= 1:
+        if init_state is not None:
+            _init_worker(init_state)
+        for a in tqdm(args, desc=desc, unit="it", leave=False):
+            yield fn(a)
+        return
+    kw = {"initializer": _init_worker, "initargs": (init_state,)} if init_state is not None else {}
+    with ProcessPoolExecutor(max_workers=workers, **kw) as ex:
+        futs = [ex.submit(fn, a) for a in args]
+        for f in tqdm(futs, desc=desc, unit="it", leave=False):
+            yield f.result()
+
+
+def _mask_job(a: tuple) -> dict:
+    return compute_mask_cached(*a)
+
+
+def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Path,
+                    config: ComposeConfig | str | Path | None = None, image_list: str | Path | None = None,
+                    n_images: int | None = None, seed: int | None = None, workers: int = 1,
+                    preview: int = 0) -> AugmentResult:
+    """Compose synthetic training tiles into `out` (a new folder; the input is only read)."""
+    cfg = config if isinstance(config, ComposeConfig) else (
+        ComposeConfig.from_yaml(config) if config else ComposeConfig())
+    if seed is not None:
+        cfg = cfg.model_copy(update={"seed": seed})
+    pools = [Path(p) for p in (pools if isinstance(pools, list | tuple) else [pools])]
+    out = Path(out).resolve()
+    src_root = Path(dataset).resolve()
+    if out == src_root or src_root in out.parents or any(out == p.resolve() for p in pools):
+        raise SynthgenError(f"{out}: output must be a new folder, not inside the input {src_root} or a pool")
+    ds = load_backgrounds(dataset)
+    names = list(ds.names)
+    if not names:  # bare background tiles: the pools' labels are the classes
+        names = sorted({str(r.get("label")) for p in pools for r in read_jsonl(p / "manifest.jsonl")})
+    items = load_pool(pools, names)
+    out.mkdir(parents=True, exist_ok=True)
+
+    cache = out / "masks"
+    recs = list(_run(_mask_job, [(Path(it["file"]), cache, cfg.mask) for it in items], workers, None, "masks"))
+    good = []
+    for it, rec in zip(items, recs, strict=True):
+        if rec["mask"]:
+            good.append({**it, "mask": rec["mask"], "mask_method": rec["method"]})
+    n_rej = len(items) - len(good)
+    if not good:
+        raise SynthgenError(f"every pool instance's mask was rejected (e.g. {recs[0]['chip']}: {recs[0]['reason']})")
+
+    state = {"cfg": cfg, "items": good, "out": out,
+             "sizes": DatasetSizes(ds.boxes[ds.boxes.split.isin(cfg.background_splits)], cfg.scale.jitter)}
+    if cfg.scale.mode == "physical":
+        state["body_lengths"] = _body_lengths(cfg, good)
+    if cfg.habitat.kind == "vector":
+        import geopandas as gpd
+
+        state["habitat_gdf"] = gpd.read_file(cfg.habitat.path)
+    if cfg.habitat.kind in ("raster", "vector") and not cfg.habitat.path:
+        raise SynthgenError(f"habitat.kind {cfg.habitat.kind} needs habitat.path")
+
+    jobs = _jobs(ds, cfg, Path(image_list) if image_list else None, n_images)
+    man_path, prov_path = out / "manifest.jsonl", out / "provenance.jsonl"
+    done_rows = {r["output"]: r for r in read_jsonl(man_path)}
+    prov_rows = [r for r in read_jsonl(prov_path) if r["tile"] in done_rows]
+    with atomic_write(prov_path) as f:  # drop provenance of tiles killed before their manifest row
+        f.writelines(json.dumps(r) + "\n" for r in prov_rows)
+    todo = [j for j in jobs if j["out_rel"] not in done_rows]
+    with JsonlAppender(man_path) as man, JsonlAppender(prov_path) as prov:
+        for res in _run(compose_tile, todo, workers, state, "compose"):
+            for p in res["prov"]:
+                prov.write(p)
+            man.write(res["row"])
+            done_rows[res["row"]["output"]] = res["row"]
+    rows = [done_rows[j["out_rel"]] for j in jobs if j["out_rel"] in done_rows]
+    data_yaml = _finalize(out, ds, rows, names, cfg, image_list)
+    if preview:
+        draw_previews(out, rows[:preview], names)
+    return AugmentResult(out, len(rows), sum(r["n_pasted"] for r in rows), sum(r["n_skipped"] for r in rows),
+                         n_rej, data_yaml)
+
+
+def _finalize(out: Path, ds, rows: list[dict], names: list[str], cfg: ComposeConfig, image_list) -> Path:
+    """Lists, data.yaml, COCO JSON and (GeoTIFFs) the GeoPackage, all derived from the manifest."""
+    import yaml
+
+    synth = [str(out / r["output"]) for r in rows]
+    real = ds.images[ds.images.split.isin(cfg.background_splits)].image_path.tolist()
+    if image_list:
+        wanted = {os.path.normpath(os.path.abspath(x.strip())) for x in Path(image_list).read_text().splitlines()
+                  if x.strip()}
+        real = [p for p in real if os.path.normpath(p) in wanted]
+    lists = {"train_real": sorted(real), "train_synthetic": synth}
+    for split in ("val", "test"):
+        imgs = ds.images[ds.images.split == split].image_path.tolist()
+        if imgs:
+            lists[split] = sorted(imgs)
+    for k, v in lists.items():
+        with atomic_write(out / f"{k}.txt") as f:
+            f.writelines(p + "\n" for p in v)
+    d = {"path": str(out), "train": ["train_real.txt", "train_synthetic.txt"], "train_real": "train_real.txt",
+         "train_synthetic": "train_synthetic.txt", "synthetic_ratio": cfg.synthetic_ratio}
+    d.update({s: f"{s}.txt" for s in ("val", "test") if s in lists})
+    d["names"] = dict(enumerate(names))
+    d["counts"] = {"train_real": len(real), "train_synthetic": len(synth)}
+    with atomic_write(out / "data.yaml") as f:
+        yaml.safe_dump(d, f, sort_keys=False)
+    _write_coco(out / "annotations" / "instances_train_synthetic.json", rows, names)
+    if any(r["geo"] for r in rows):
+        _write_gpkg(out / "boxes.gpkg", out, [r for r in rows if r["geo"]], names)
+    return out / "data.yaml"
+
+
+def _write_coco(path: Path, rows: list[dict], names: list[str]) -> None:
+    images, anns = [], []
+    for i, r in enumerate(rows, 1):
+        images.append({"id": i, "file_name": r["output"], "width": r["width"], "height": r["height"]})
+        for b in r["real"]:
+            seg = [b[5]] if b[5] is not None else []
+            anns.append(_coco_ann(len(anns) + 1, i, b[:4], int(b[4]), seg, synthetic=False))
+        for p in r["pasted"]:
+            anns.append(_coco_ann(len(anns) + 1, i, p["box"], p["cls"], [p["poly"]], synthetic=True))
+    write_json(path, {"images": images, "annotations": anns,
+                      "categories": [{"id": k, "name": n} for k, n in enumerate(names)]})
+
+
+def _coco_ann(aid: int, iid: int, b, c: int, seg, synthetic: bool) -> dict:
+    x0, y0, x1, y1 = (float(v) for v in b)
+    return {"id": aid, "image_id": iid, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "segmentation": seg, "synthetic": synthetic}
+
+
+def _write_gpkg(path: Path, out: Path, rows: list[dict], names: list[str]) -> None:
+    """Boxes of the georeferenced outputs as polygons in the rasters' CRS (one GeoPackage)."""
+    import geopandas as gpd
+
+    from detection.geo import pixel_to_map_boxes, read_georef
+
+    frames, crs = [], None
+    for r in rows:
+        g = read_georef(out / r["output"])
+        if crs is not None and g.crs != crs:
+            raise SynthgenError(f"{out / r['output']}: CRS {g.crs} differs from the other outputs' ({crs})")
+        crs = g.crs
+        boxes = [(b[:4], int(b[4]), False) for b in r["real"]] + [(p["box"], p["cls"], True) for p in r["pasted"]]
+        if not boxes:
+            continue
+        geoms = pixel_to_map_boxes(np.array([b[0] for b in boxes], float), g.transform)
+        frames.append(gpd.GeoDataFrame({"image_path": r["output"], "label": [names[b[1]] for b in boxes],
+                                        "synthetic": [b[2] for b in boxes]}, geometry=geoms, crs=crs))
+    gdf = pd.concat(frames, ignore_index=True) if frames else gpd.GeoDataFrame(
+        {"image_path": [], "label": [], "synthetic": []}, geometry=[], crs=crs)
+    fd, tmp = tempfile.mkstemp(prefix=".boxes.", suffix=".gpkg", dir=out)
+    os.close(fd)
+    os.unlink(tmp)
+    try:
+        gpd.GeoDataFrame(gdf, crs=crs).to_file(tmp, driver="GPKG", layer="boxes")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def draw_previews(out: Path, rows: list[dict], names: list[str]) -> list[Path]:
+    """PNG per output: real boxes blue, pasted boxes green with their polygon in yellow."""
+    from synthgen.io_utils import atomic_save_image
+
+    paths = []
+    for r in rows:
+        img, _, _ = _read_tile(str(out / r["output"]))
+        img = np.ascontiguousarray(img)
+        for b in r["real"]:
+            cv2.rectangle(img, (int(b[0]), int(b[1])), (int(math.ceil(b[2])) - 1, int(math.ceil(b[3])) - 1),
+                          (60, 120, 255), 1)
+        for p in r["pasted"]:
+            pts = np.asarray(p["poly"], float).reshape(-1, 1, 2).round().astype(np.int32)
+            cv2.polylines(img, [pts], True, (255, 230, 0), 1)
+            x0, y0, x1, y1 = p["box"]
+            cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 0), 1)
+            cv2.putText(img, names[p["cls"]], (x0, max(y0 - 3, 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 255, 0), 1)
+        path = out / "previews" / (Path(r["output"]).stem + ".png")
+        atomic_save_image(Image.fromarray(img), path)
+        paths.append(path)
+    return paths

@@ -1,0 +1,119 @@
+"""Where a paste may go: background pixels (no overlap with real labels or other pastes beyond an
+IoA threshold), optionally inside a habitat mask (colour rule, raster, or polygons)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+
+from synthgen.compose.config import CountConfig, HabitatConfig
+from synthgen.errors import SynthgenError
+
+
+def sample_count(cfg: CountConfig, rng: np.random.Generator) -> int:
+    n = rng.poisson(cfg.mean) if cfg.distribution == "poisson" else rng.integers(cfg.low, cfg.high + 1)
+    return int(min(n, cfg.max))
+
+
+def color_habitat(rgb: np.ndarray, cfg: HabitatConfig) -> np.ndarray:
+    """Pixels whose Lab lightness/chroma fit the rule (e.g. bright, grey ice), cleaned morphologically."""
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB).astype(np.float32)
+    L = lab[..., 0] * (100.0 / 255.0)
+    chroma = np.hypot(lab[..., 1] - 128, lab[..., 2] - 128)
+    m = ((L >= cfg.l_min) & (L <= cfg.l_max) & (chroma <= cfg.chroma_max)).astype(np.uint8)
+    k = np.ones((5, 5), np.uint8)
+    return cv2.morphologyEx(cv2.morphologyEx(m, cv2.MORPH_OPEN, k), cv2.MORPH_CLOSE, k)
+
+
+def raster_habitat(cfg: HabitatConfig, image_path: str, shape: tuple[int, int], georef) -> np.ndarray:
+    """Habitat from a raster: a folder of per-tile masks (`<stem>.png/.tif`, nonzero = habitat) or one
+    georeferenced raster resampled onto the tile's grid."""
+    import rasterio
+    from rasterio.warp import Resampling, reproject
+
+    src_path = Path(cfg.path)
+    if src_path.is_dir():
+        for ext in (".png", ".tif", ".tiff", ".jpg"):
+            p = src_path / (Path(image_path).stem + ext)
+            if p.is_file():
+                m = cv2.imread(str(p), cv2.IMREAD_GRAYSCALE)
+                if m is None or m.shape != shape:
+                    raise SynthgenError(f"{p}: habitat mask unreadable or not {shape[1]}x{shape[0]} like {image_path}")
+                return (m > 0).astype(np.uint8)
+        raise SynthgenError(f"{src_path}: no habitat mask named {Path(image_path).stem}.png/.tif")
+    if georef is None:
+        raise SynthgenError(f"{image_path}: a georeferenced habitat raster needs GeoTIFF backgrounds")
+    out = np.zeros(shape, np.uint8)
+    with rasterio.open(src_path) as src:
+        if src.crs is None:
+            raise SynthgenError(f"{src_path}: habitat raster has no CRS")
+        reproject(rasterio.band(src, 1), out, dst_transform=georef[0], dst_crs=georef[1],
+                  resampling=Resampling.nearest)
+    return (out > 0).astype(np.uint8)
+
+
+def vector_habitat(gdf, image_path: str, shape: tuple[int, int], georef) -> np.ndarray:
+    """Habitat polygons: reprojected into the raster's CRS and burnt onto its grid, or (plain images)
+    pixel polygons whose `image` column names the tile file."""
+    from affine import Affine
+    from rasterio.features import rasterize
+
+    if georef is not None and gdf.crs is not None:
+        geoms = gdf.to_crs(georef[1]).geometry
+        transform = georef[0]
+    else:
+        if "image" not in gdf.columns:
+            raise SynthgenError("habitat polygons without a CRS need an `image` column naming each tile (pixel "
+                                "coordinates)")
+        geoms = gdf[gdf["image"].astype(str) == Path(image_path).name].geometry
+        transform = Affine.identity()
+    geoms = [g for g in geoms if g is not None and not g.is_empty]
+    if not geoms:
+        return np.zeros(shape, np.uint8)
+    return rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform, fill=0, dtype="uint8")
+
+
+def ioa(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """Intersection over the smaller box's area, for each of `others` (N, 4) xyxy."""
+    if not len(others):
+        return np.zeros(0)
+    ix = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    a = (box[2] - box[0]) * (box[3] - box[1])
+    b = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    return ix * iy / np.maximum(np.minimum(a, b), 1e-9)
+
+
+def find_position(alpha: np.ndarray, box: tuple[int, int, int, int], tile_hw: tuple[int, int],
+                  occupied: np.ndarray, habitat: np.ndarray | None, max_overlap: float, min_fraction: float,
+                  tries: int, rng: np.random.Generator) -> tuple[int, int] | None:
+    """Top-left (x, y) for an instance patch whose alpha's tight box is `box` (patch coordinates), or
+    None when no free spot was found in `tries` draws. Habitat draws start from habitat pixels."""
+    ph, pw = alpha.shape
+    th, tw = tile_hw
+    if ph > th or pw > tw:
+        return None
+    fg = alpha > 0.5
+    n_fg = max(int(fg.sum()), 1)
+    hab_pts = np.argwhere(habitat > 0) if habitat is not None else None
+    if hab_pts is not None and not len(hab_pts):
+        return None
+    bx0, by0, bx1, by1 = box
+    for _ in range(tries):
+        if hab_pts is not None:
+            cy, cx = hab_pts[rng.integers(len(hab_pts))]
+            x, y = int(cx - (bx0 + bx1) // 2), int(cy - (by0 + by1) // 2)
+            x, y = int(np.clip(x, 0, tw - pw)), int(np.clip(y, 0, th - ph))
+        else:
+            x, y = int(rng.integers(0, tw - pw + 1)), int(rng.integers(0, th - ph + 1))
+        b = np.array([x + bx0, y + by0, x + bx1, y + by1], float)
+        if len(occupied) and ioa(b, occupied).max() > max_overlap:
+            continue
+        if habitat is not None:
+            inside = habitat[y:y + ph, x:x + pw][fg].sum() / n_fg
+            if inside < min_fraction:
+                continue
+        return x, y
+    return None

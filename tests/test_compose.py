@@ -1,0 +1,298 @@
+"""Compositor: masks, label correctness on known shapes, seals end-to-end (resume, worker-count
+independence, outputs), GeoTIFF + GeoPackage round trip, and the clear errors."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from PIL import Image
+
+from synthgen.compose import ComposeConfig, augment_dataset, compose_tile
+from synthgen.compose.blend import estimate_jpeg_quality
+from synthgen.compose.config import BlendConfig, MaskConfig
+from synthgen.compose.masks import estimate_mask
+from synthgen.compose.pipeline import _init_worker
+from synthgen.compose.scale import DatasetSizes
+from synthgen.errors import SynthgenError
+
+
+def _ellipse_chip(size=90, axes=(24, 12), angle=0.0, fg=(20, 20, 20), bg=(235, 235, 235), noise=0, seed=0):
+    """A chip cut like `synthgen data chips` (margin 0.15): an ellipse centred on a plain background."""
+    rng = np.random.default_rng(seed)
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = bg
+    cv2.ellipse(img, (size // 2, size // 2), axes, angle, 0, 360, fg, -1)
+    if noise:
+        img = np.clip(img.astype(int) + rng.normal(0, noise, img.shape), 0, 255).astype(np.uint8)
+    return img
+
+
+def _write_pool(root: Path, chips: list[np.ndarray], label: str, taxon: str | None = "Phoca vitulina",
+                masks: list[np.ndarray] | None = None) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, c in enumerate(chips):
+        Image.fromarray(c).save(root / f"c{i}.png")
+        row = {"file": f"c{i}.png", "label": label}
+        if taxon is not None:
+            row["taxon"] = taxon
+        rows.append(row)
+        if masks is not None:
+            Image.fromarray(masks[i]).save(root / f"m{i}.png")
+    (root / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+# --- masks ----------------------------------------------------------------------------------------
+def test_grabcut_mask_recovers_a_noisy_ellipse():
+    chip = _ellipse_chip(noise=12, angle=30)
+    truth = np.zeros(chip.shape[:2], np.uint8)
+    cv2.ellipse(truth, (45, 45), (24, 12), 30, 0, 360, 1, -1)
+    res = estimate_mask(chip)
+    assert res.mask is not None, res.reason
+    m = res.mask > 0
+    iou = (m & (truth > 0)).sum() / (m | (truth > 0)).sum()
+    assert iou > 0.9, (res.method, iou)
+
+
+def test_implausible_masks_are_rejected_with_a_reason():
+    blank = np.full((80, 80, 3), 128, np.uint8)
+    r = estimate_mask(blank)
+    assert r.mask is None and r.reason
+    # the "animal" touches the chip edge: cut off, rejected
+    cut = _ellipse_chip(axes=(60, 10))
+    r = estimate_mask(cut)
+    assert r.mask is None and "edge" in r.reason
+
+
+# --- label correctness ----------------------------------------------------------------------------
+def _state(tmp_path, items, cfg, sizes):
+    return {"cfg": cfg, "items": items, "out": tmp_path, "sizes": sizes}
+
+
+@pytest.mark.parametrize("angle_range", [0.0, 180.0])
+def test_pasted_labels_are_the_tight_box_of_the_pasted_shape(tmp_path, angle_range):
+    """Known black ellipses (known alpha) pasted on a white tile: the written YOLO box equals the box
+    of the dark pixels in the output image, and its size equals the rotated ellipse's analytic extent."""
+    a, b = 24, 12
+    chip = _ellipse_chip(axes=(a, b))
+    mask = np.zeros(chip.shape[:2], np.uint8)
+    cv2.ellipse(mask, (45, 45), (a, b), 0, 0, 360, 255, -1)
+    pool = _write_pool(tmp_path / "pool", [chip], "seal", masks=[mask])
+    bg = tmp_path / "bg.png"
+    Image.fromarray(np.full((400, 400, 3), 255, np.uint8)).save(bg)
+    cfg = ComposeConfig(max_rotation_deg=angle_range, max_overlap=0.0, tile_aug={"p": 0, "jpeg_quality": 100},
+                        count={"distribution": "uniform", "low": 4, "high": 4},
+                        blend=BlendConfig(mix={"hard": 1.0}, color_match=0.0, shadow_p=0.0))
+    items = [{"pool": str(pool), "file": str(pool / "c0.png"), "rel": "c0.png", "label": "seal",
+              "taxon": "Phoca vitulina", "cls": 0, "mask": str(pool / "m0.png"), "mask_method": "given"}]
+    import pandas as pd
+
+    sizes = DatasetSizes(pd.DataFrame({"xmin": [0.0], "ymin": [0.0], "xmax": [40.0], "ymax": [40.0],
+                                       "label": ["seal"]}), jitter=0.3)
+    out = tmp_path / "out"
+    _init_worker(_state(out, items, cfg, sizes))
+    checked = 0
+    for k in range(4):
+        res = compose_tile({"image_path": str(bg), "copy": k, "split": "train", "boxes": [],
+                            "out_rel": f"images/train/bg__syn{k}.jpg"})
+        img = np.asarray(Image.open(out / res["row"]["output"]).convert("L"))
+        n, lab, stats, _ = cv2.connectedComponentsWithStats((img < 128).astype(np.uint8))
+        found = sorted(stats[1:, :4].tolist())
+        lines = (out / "labels" / "train" / f"bg__syn{k}.txt").read_text().split()
+        boxes = []
+        for i in range(0, len(lines), 5):
+            cx, cy, w, h = (float(v) * 400 for v in lines[i + 1:i + 5])
+            boxes.append([cx - w / 2, cy - h / 2, w, h])
+        boxes.sort()
+        assert len(boxes) == len(found) == res["row"]["n_pasted"] > 0
+        for (x, y, w, h), got, prov in zip(found, boxes, sorted(res["prov"], key=lambda p: p["box"]), strict=True):
+            assert np.allclose(got, [x, y, w, h], atol=1.0), (got, (x, y, w, h))
+            t = math.radians(prov["rotation"])
+            s = prov["scale"]
+            ew = 2 * s * math.hypot(a * math.cos(t), b * math.sin(t)) + s
+            eh = 2 * s * math.hypot(a * math.sin(t), b * math.cos(t)) + s
+            assert abs(w - ew) <= 1.5 and abs(h - eh) <= 1.5, (w, h, ew, eh, prov)
+            checked += 1
+    assert checked >= 8
+    if angle_range:
+        assert any(abs(p["rotation"]) > 10 for p in res["prov"])
+
+
+def test_jpeg_quality_is_estimated_from_quantisation_tables(tmp_path):
+    img = Image.fromarray(_ellipse_chip(noise=20))
+    for q in (60, 90):
+        p = tmp_path / f"q{q}.jpg"
+        img.save(p, quality=q)
+        assert abs(estimate_jpeg_quality(Image.open(p)) - q) <= 1
+    assert estimate_jpeg_quality(img) == 90  # not a JPEG: the default
+
+
+# --- seals end-to-end -----------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def seal_pool(seals, tmp_path_factory):
+    """Real seal chips cut from a few training tiles with detection's chip cutter."""
+    from detection import read_dataset
+    from detection.chips import ChipConfig, make_chips
+
+    ds = read_dataset(seals, splits=["train"])
+    sub = ds.subset("train", images=sorted(ds.images.image_path)[200:230])
+    out = tmp_path_factory.mktemp("sealchips")
+    make_chips(sub, out, ChipConfig(size=96), progress=False)
+    return out
+
+
+def _snapshot(folder: Path) -> dict:
+    return {str(p): p.stat().st_mtime_ns for p in folder.rglob("*")}
+
+
+def test_seals_augment_end_to_end(seals, seal_pool, configs, tmp_path):
+    before = _snapshot(seals / "valid" / "labels")
+    out = tmp_path / "out"
+    cfg = configs / "compose" / "glacierbay-seals.yaml"
+    r = augment_dataset(seals, seal_pool, out, cfg, n_images=6, preview=2)
+    assert r.n_tiles == 6 and r.n_pasted > 0
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    prov = [json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()]
+    assert len(rows) == 6 and len(prov) == r.n_pasted == sum(x["n_pasted"] for x in rows)
+    for row in rows:
+        assert (out / row["output"]).is_file()
+        det = (out / "labels" / "train" / (Path(row["output"]).stem + ".txt")).read_text().splitlines()
+        seg = (out / "labels-seg" / "train" / (Path(row["output"]).stem + ".txt")).read_text().splitlines()
+        assert len(det) == len(seg) == len(row["real"]) + row["n_pasted"]
+        assert all(len(s.split()) >= 7 for s in seg)
+        for p in row["pasted"]:  # every pasted box lies on ice per the colour habitat, inside the tile
+            x0, y0, x1, y1 = p["box"]
+            assert 0 <= x0 < x1 <= row["width"] and 0 <= y0 < y1 <= row["height"]
+    d = yaml.safe_load((out / "data.yaml").read_text())
+    assert d["train"] == ["train_real.txt", "train_synthetic.txt"] and d["synthetic_ratio"] == 0.5
+    val = (out / "val.txt").read_text().split()
+    assert len(val) == 151 and all("/valid/" in v for v in val)
+    real = set((out / "train_real.txt").read_text().split())
+    assert all("/train/" in p for p in real) and not real & set(val)
+    assert {p["blend"] for p in prov} <= {"hard", "feather", "gaussian", "poisson"}
+    coco = json.loads((out / "annotations" / "instances_train_synthetic.json").read_text())
+    assert len(coco["images"]) == 6 and sum(a["synthetic"] for a in coco["annotations"]) == r.n_pasted
+    assert len(list((out / "previews").glob("*.png"))) == 2
+    assert _snapshot(seals / "valid" / "labels") == before
+
+    # resume after a "kill": drop the last manifest row and add a stale provenance row for it
+    last = rows[-1]
+    (out / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:-1]))
+    with open(out / "provenance.jsonl", "a") as f:
+        f.write(json.dumps({**prov[0], "tile": last["output"]}) + "\n")
+    r2 = augment_dataset(seals, seal_pool, out, cfg, n_images=6)
+    rows2 = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    prov2 = [json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()]
+    assert [x["output"] for x in rows2] == [x["output"] for x in rows[:-1]] + [last["output"]]
+    assert rows2[-1] == last  # per-tile seeds: the redone tile is identical
+    assert len(prov2) == len(prov) == r2.n_pasted
+
+    # worker count does not change results
+    out2 = tmp_path / "out2"
+    augment_dataset(seals, seal_pool, out2, cfg, n_images=6, workers=2)
+    for row in rows:
+        a = (out / "labels" / "train" / (Path(row["output"]).stem + ".txt")).read_text()
+        b = (out2 / "labels" / "train" / (Path(row["output"]).stem + ".txt")).read_text()
+        assert a == b
+
+
+def test_output_inside_input_is_refused(seals, seal_pool):
+    with pytest.raises(SynthgenError, match="new folder"):
+        augment_dataset(seals, seal_pool, seals / "synthetic")
+
+
+# --- GeoTIFF ----------------------------------------------------------------------------------------
+def _magenta_pool(tmp_path):
+    chips = [_ellipse_chip(axes=(26, 12), fg=(255, 0, 255), bg=(40, 90, 40), seed=i) for i in range(3)]
+    return _write_pool(tmp_path / "pool", chips, "tree", taxon="Pinus palustris")
+
+
+def test_geotiff_output_and_geopackage_boxes_land_on_pasted_instances(geo, tmp_path):
+    import geopandas as gpd
+    import rasterio
+
+    pool = _magenta_pool(tmp_path)
+    cfg = ComposeConfig(scale={"mode": "physical", "body_length_m": {"tree": 3.0}, "jitter": 0.05},
+                        count={"distribution": "uniform", "low": 5, "high": 5}, max_overlap=0.0,
+                        blend={"mix": {"hard": 1.0}, "color_match": 0.0}, tile_aug={"p": 0})
+    out = tmp_path / "out"
+    r = augment_dataset(geo / "OSBS_029.tif", pool, out, cfg)
+    assert r.n_tiles == 1 and r.n_pasted == 5
+    tif = out / "images" / "train" / "OSBS_029__syn0.tif"
+    with rasterio.open(tif) as dst, rasterio.open(geo / "OSBS_029.tif") as src:
+        assert dst.crs == src.crs and dst.transform == src.transform
+        img = dst.read().transpose(1, 2, 0)
+        transform = dst.transform
+    gdf = gpd.read_file(out / "boxes.gpkg")
+    assert gdf.crs.to_epsg() == 32617
+    syn = gdf[gdf.synthetic]
+    assert len(syn) == 5
+    magenta = (img[..., 0] > 200) & (img[..., 1] < 60) & (img[..., 2] > 200)
+    inv = ~transform
+    for geom in syn.geometry:
+        mx0, my0, mx1, my1 = geom.bounds
+        px0, py1 = inv @ (mx0, my0)
+        px1, py0 = inv @ (mx1, my1)
+        x0, y0, x1, y1 = (int(round(v)) for v in (px0, py0, px1, py1))
+        inside = magenta[y0:y1, x0:x1]
+        ys, xs = np.nonzero(inside)
+        assert inside.sum() > 50
+        # the magenta shape fills the box to its edges within 1 px (edge pixels mix colours), and no
+        # magenta lies in the 2 px ring just outside the box
+        assert xs.min() <= 1 and ys.min() <= 1 and xs.max() >= x1 - x0 - 2 and ys.max() >= y1 - y0 - 2
+        ring = magenta[max(y0 - 2, 0):y1 + 2, max(x0 - 2, 0):x1 + 2].sum()
+        assert ring == inside.sum()
+        # body length 3 m at 0.1 m/px ~ 30 px (+-jitter) along the long axis before rotation
+        assert 18 <= max(x1 - x0, y1 - y0) <= 45
+
+
+def test_geotiff_without_crs_is_a_clear_error_when_scale_needs_gsd(tmp_path):
+    pool = _magenta_pool(tmp_path)
+    plain = tmp_path / "bg" / "nocrs.tif"
+    plain.parent.mkdir()
+    Image.fromarray(np.full((200, 200, 3), 90, np.uint8)).save(plain)
+    cfg = ComposeConfig(scale={"mode": "physical", "body_length_m": {"tree": 3.0}})
+    with pytest.raises(SynthgenError, match=r"nocrs\.tif.*(CRS|GSD)"):
+        augment_dataset(plain.parent, pool, tmp_path / "out", cfg)
+
+
+def test_tile_smaller_than_instance_is_a_clear_error(geo, tmp_path):
+    import rasterio
+
+    pool = _magenta_pool(tmp_path)
+    with rasterio.open(geo / "OSBS_029.tif") as src:
+        prof = src.profile
+        arr = src.read(window=((0, 16), (0, 16)))
+    prof.update(width=16, height=16)
+    small = tmp_path / "bg" / "small.tif"
+    small.parent.mkdir()
+    with rasterio.open(small, "w", **prof) as dst:
+        dst.write(arr)
+    cfg = ComposeConfig(scale={"mode": "physical", "body_length_m": {"tree": 6.0}})
+    with pytest.raises(SynthgenError, match=r"small\.tif.*smaller than instance"):
+        augment_dataset(small, pool, tmp_path / "out", cfg)
+
+
+def test_pool_errors_name_the_manifest_line(seals, tmp_path):
+    chips = [_ellipse_chip()]
+    no_taxon = _write_pool(tmp_path / "p1", chips, "seal", taxon=None)
+    with pytest.raises(SynthgenError, match=r"manifest\.jsonl:1: .*no taxon"):
+        augment_dataset(seals, no_taxon, tmp_path / "o1")
+    wrong = _write_pool(tmp_path / "p2", chips, "walrus", taxon="Odobenus rosmarus")
+    with pytest.raises(SynthgenError, match=r"manifest\.jsonl:1: .*'walrus'.*not in the dataset's names"):
+        augment_dataset(seals, wrong, tmp_path / "o2")
+
+
+def test_config_yaml_files_load(configs):
+    for name in ("glacierbay-seals.yaml", "aquarium.yaml"):
+        cfg = ComposeConfig.from_yaml(configs / "compose" / name)
+        assert cfg.view in ("nadir", "ground")
+    assert ComposeConfig.from_yaml(configs / "compose" / "aquarium.yaml").view == "ground"
+    assert MaskConfig().margin == 0.15

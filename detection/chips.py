@@ -60,6 +60,30 @@ def cut_chip(image: np.ndarray, box: tuple[float, float, float, float], size: in
     return cv2.resize(crop, (size, size), interpolation=interp)
 
 
+def load_rgb(path: str | Path) -> np.ndarray:
+    """HxWx3 uint8 pixels, EXIF rotation applied; GeoTIFFs PIL cannot decode (16-bit, multiband)
+    are read with rasterio, first three bands rescaled to 0..255."""
+    from PIL import Image, ImageOps
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+    except (OSError, SyntaxError, ValueError) as e:
+        if Path(path).suffix.lower() not in (".tif", ".tiff"):
+            raise DataError(f"{path}: cannot read image ({e})", file=path, reason=f"cannot read image ({e})") from e
+    import rasterio
+    from rasterio.errors import RasterioIOError
+
+    try:
+        with rasterio.open(path) as src:
+            a = src.read(list(range(1, min(src.count, 3) + 1))).astype(np.float32)
+    except RasterioIOError as e:
+        raise DataError(f"{path}: cannot read image ({e})", file=path, reason=f"cannot read image ({e})") from e
+    a = np.repeat(a, 3, axis=0) if a.shape[0] == 1 else a
+    lo, hi = np.percentile(a, 0.5), np.percentile(a, 99.5)
+    return np.clip((a - lo) / max(hi - lo, 1e-6) * 255, 0, 255).astype(np.uint8).transpose(1, 2, 0)
+
+
 def _taxon_info(tax, label: str) -> tuple[str, dict]:
     """Taxon name and {level: name} lineage of a dataset label (through tax.labels, else tax.resolve)."""
     t = tax.labels.get(label) or tax.resolve(label)
@@ -70,7 +94,7 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
                taxonomy: str | Path | None = None, split: str | None = "train", on_error: str = "raise",
                progress: bool = True) -> dict:
     """Cut chips of every box in `split` (None: all splits) into `out`; resumable. Returns a summary."""
-    from PIL import Image, ImageOps
+    from PIL import Image
     from tqdm import tqdm
 
     cfg = cfg or ChipConfig()
@@ -101,12 +125,11 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
                                               disable=not progress) as bar:
         for img_path, g in todo.groupby("image_path", sort=True):
             try:
-                with Image.open(img_path) as im:
-                    arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-            except (OSError, SyntaxError, ValueError) as e:
+                arr = load_rgb(img_path)
+            except DataError as e:
                 if on_error != "skip":
-                    raise DataError(f"{img_path}: cannot read image ({e})", file=img_path) from e
-                problems.append({"file": img_path, "line": None, "reason": f"cannot read image ({e})"})
+                    raise
+                problems.append({"file": img_path, "line": None, "reason": e.reason})
                 bar.update(len(g))
                 continue
             for r in g.itertuples():

@@ -94,3 +94,23 @@ def test_cli_chips(seals, configs, tmp_path):
     rows = read_jsonl(out / "manifest.jsonl")
     assert {x["taxon"] for x in rows} == {"Phoca vitulina"} and rows[0]["lineage"]["species"] == "Phoca vitulina"
     assert all(x["file"].startswith("val/seal/") for x in rows)
+
+
+def test_chips_from_geotiff_boxes(geo, aquarium, tmp_path):
+    """Vector boxes over the GeoTIFF: every tree becomes a chip; an unreadable image is skipped and listed."""
+    from detection import write_dataset
+
+    gpkg = write_dataset(read_dataset(geo / "OSBS_029.csv"), tmp_path / "v", "gpkg") / "train.gpkg"
+    s = make_chips(read_dataset(gpkg), tmp_path / "chips", ChipConfig(size=32), progress=False)
+    assert s["written"] == 61 and s["per_label"] == {"Tree": 61}
+    # a JPEG whose header reads but whose pixels are cut off (a partial download)
+    src = sorted((aquarium / "train" / "images").iterdir())[0]
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(src.read_bytes()[:4000])
+    (tmp_path / "boxes.csv").write_text(f"image_path,xmin,ymin,xmax,ymax,label\n{bad},10,10,60,60,fish\n"
+                                        f"{src},10,10,60,60,fish\n")
+    ds = read_dataset(tmp_path / "boxes.csv")
+    s = make_chips(ds, tmp_path / "chips2", ChipConfig(size=32), on_error="skip", progress=False)
+    assert s["written"] == 1 and s["problems"][0]["file"] == str(bad.resolve())
+    with pytest.raises(DataError, match="broken.jpg: cannot read image"):
+        make_chips(ds, tmp_path / "chips3", ChipConfig(size=32), progress=False)

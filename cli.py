@@ -315,6 +315,29 @@ def evaluate_samples_cmd(
 
 
 # --- augment-dataset (compose) --------------------------------------------------------------
+@app.command("augment-dataset")
+def augment_dataset_cmd(
+    dataset: Path = typer.Argument(..., help="real dataset (data.yaml/COCO/...) or a folder/file of tiles/GeoTIFFs"),
+    pool: list[Path] = typer.Option(..., "--pool", help="instance pool folder(s) with manifest.jsonl (repeatable)"),
+    out: Path = typer.Option(..., help="new output dataset folder (the input is never modified)"),
+    config: Path | None = typer.Option(None, help="compose YAML, e.g. configs/compose/glacierbay-seals.yaml"),
+    n_images: int | None = typer.Option(None, help="compose only this many tiles (seeded sample)"),
+    image_list: Path | None = typer.Option(None, help="text file of background image paths to use"),
+    seed: int | None = typer.Option(None, help="overrides the config's seed"),
+    workers: int = typer.Option(1, help="processes over tiles (results do not depend on it)"),
+    preview: int = typer.Option(0, help="draw boxes on this many outputs as PNGs in OUT/previews"),
+) -> None:
+    """Paste pool instances into real tiles: labels from the pasted alpha, resumable, parallel."""
+    from synthgen.compose import augment_dataset
+    from synthgen.errors import SynthgenError
+
+    try:
+        r = augment_dataset(dataset, pool, out, config, image_list=image_list, n_images=n_images, seed=seed,
+                            workers=workers, preview=preview)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(f"{r.n_tiles} tiles, {r.n_pasted} instances pasted ({r.n_skipped_instances} found no place, "
+                  f"{r.n_masks_rejected} pool masks rejected) -> {r.data_yaml}")
 
 
 # --- train-detector / detect / benchmark ----------------------------------------------------

@@ -296,3 +296,25 @@ def test_config_yaml_files_load(configs):
         assert cfg.view in ("nadir", "ground")
     assert ComposeConfig.from_yaml(configs / "compose" / "aquarium.yaml").view == "ground"
     assert MaskConfig().margin == 0.15
+
+
+def test_cli_augment_dataset_and_its_error_message(geo, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    pool = _magenta_pool(tmp_path)
+    cfg = tmp_path / "geo.yaml"
+    cfg.write_text(yaml.safe_dump({"scale": {"mode": "physical", "body_length_m": {"tree": 3.0}},
+                                   "tile_aug": {"p": 0}}))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["augment-dataset", str(geo / "OSBS_029.tif"), "--pool", str(pool), "--out",
+                                   str(out), "--config", str(cfg), "--preview", "1"])
+    assert res.exit_code == 0, res.output
+    assert "1 tiles" in res.output and str(out / "data.yaml") in res.output.replace("\n", "")
+    assert (out / "boxes.gpkg").is_file() and len(list((out / "previews").glob("*.png"))) == 1
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("view: sideways\n")
+    res = CliRunner().invoke(app, ["augment-dataset", str(geo / "OSBS_029.tif"), "--pool", str(pool), "--out",
+                                   str(tmp_path / "o2"), "--config", str(bad)])
+    assert res.exit_code == 1 and "bad.yaml" in res.output and "Traceback" not in res.output

@@ -28,16 +28,6 @@ from synthgen.latent.cutout import cut_instance
 from synthgen.latent.tiny import build_tiny_sd
 from synthgen.latent.train import load_trained
 
-# lineages as configs/taxonomy/aquarium.csv gives them (levels a chips manifest would carry)
-LINEAGES = {
-    "fish": ("Actinopterygii", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Actinopterygii"}),
-    "shark": ("Selachimorpha", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Chondrichthyes",
-                                "clade:class": "Selachimorpha"}),
-    "penguin": ("Spheniscidae", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves",
-                                 "order": "Sphenisciformes", "family": "Spheniscidae"}),
-}
-NAMES = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
-
 
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
@@ -45,32 +35,15 @@ def tiny_sd(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def chips(aquarium: Path, tmp_path_factory) -> Path:
-    """A chips folder (ARCHITECTURE.md layout) cut from real aquarium train boxes: 3 per taxon."""
-    out = tmp_path_factory.mktemp("chips")
-    rows, need = [], {k: 3 for k in LINEAGES}
-    for lab in sorted((aquarium / "train" / "labels").glob("*.txt")):
-        img_path = aquarium / "train" / "images" / f"{lab.stem}.jpg"
-        for k, line in enumerate(lab.read_text().splitlines()):
-            cls, cx, cy, w, h = line.split()[:5]
-            label = NAMES[int(cls)]
-            if need.get(label, 0) == 0:
-                continue
-            with Image.open(img_path) as im:
-                W, H = im.size
-                box = [(float(cx) - float(w) / 2) * W, (float(cy) - float(h) / 2) * H,
-                       (float(cx) + float(w) / 2) * W, (float(cy) + float(h) / 2) * H]
-                chip = im.convert("RGB").crop(tuple(round(v) for v in box)).resize((32, 32))
-            rel = f"train/{label}/{lab.stem[:20]}_{k}.png"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            chip.save(out / rel)
-            taxon, lineage = LINEAGES[label]
-            rows.append({"file": rel, "source_image": str(img_path), "box": box, "label": label, "taxon": taxon,
-                         "lineage": lineage, "split": "train", "size": 32})
-            need[label] -= 1
-        if not any(need.values()):
-            break
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+def chips(aquarium: Path, configs: Path, tmp_path_factory) -> Path:
+    """A real chips folder (`synthgen data chips`): 3 aquarium train instances per label + taxonomy.json."""
+    from detection import read_dataset
+    from detection.chips import ChipConfig, make_chips
+
+    out = tmp_path_factory.mktemp("chips") / "chips"
+    ds = read_dataset(aquarium, splits=["train"])
+    make_chips(ds, out, ChipConfig(size=32, max_per_class=3), taxonomy=configs / "taxonomy" / "aquarium.csv",
+               split="train")
     return out
 
 
@@ -101,7 +74,9 @@ def test_progressive_training_one_step_per_stage(trained: Path, tiny_sd: Path, c
     assert meta["levels"] == ["phylum", "class"] and meta["family"] == "sd"
     assert yaml.safe_load((trained / "train_config.yaml").read_text())["backend"] == "latent"
     counts = json.loads((trained / "taxon_counts.json").read_text())
-    assert {k: v["count"] for k, v in counts.items()} == {"Actinopterygii": 3, "Selachimorpha": 3, "Spheniscidae": 3}
+    assert len(counts) == 7 and all(v["count"] == 3 for v in counts.values())
+    assert counts["Selachimorpha"]["label"] == "shark"
+    assert (trained / "taxonomy.json").read_text() == (chips / "taxonomy.json").read_text()
 
     cond = load_file(trained / "conditioner.safetensors")
     lora = load_file(trained / "lora.safetensors")

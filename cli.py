@@ -120,7 +120,7 @@ def data_inspect_cmd(
         write_json(json_out, stats)
     sp = stats["splits"]
     console.print(f"{sum(s['images'] for s in sp.values())} images, {sum(s['boxes'] for s in sp.values())} boxes, "
-                  f"{len(stats['problems'])} problems in {path}" + (f" -> {json_out}" if json_out else ""))
+                  f"{len(stats['problems'])} problems in {path}" + (f" -> {json_out}" if json_out else ""), soft_wrap=True)
     if stats["problems"]:
         raise typer.Exit(1)
 
@@ -153,9 +153,9 @@ def data_chips_cmd(
     except (SynthgenError, ValidationError, ValueError) as e:
         _fail(e)
     for p in s["problems"]:
-        console.print(f"[yellow]skipped[/] {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}")
+        console.print(f"[yellow]skipped[/] {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}", soft_wrap=True)
     console.print(f"{s['written']} chips written, {s['already_done']} already done, {s['skipped_small']} too small, "
-                  f"{len(s['problems'])} problems -> {s['manifest']}")
+                  f"{len(s['problems'])} problems -> {s['manifest']}", soft_wrap=True)
 
 
 @data_app.command("convert")
@@ -177,7 +177,7 @@ def data_convert_cmd(
         dest = write_dataset(ds, out, to, images="copy" if copy_images else "link")
     except (SynthgenError, ValueError) as e:
         _fail(e)
-    console.print(f"{len(ds.images)} images, {len(ds.boxes)} boxes, {len(ds.problems)} skipped -> {dest}")
+    console.print(f"{len(ds.images)} images, {len(ds.boxes)} boxes, {len(ds.problems)} skipped -> {dest}", soft_wrap=True)
 
 
 @app.command("demo")
@@ -193,10 +193,71 @@ def demo_cmd(
         s = run_demo(data, out)
     except SynthgenError as e:
         _fail(e)
-    console.print(f"demo: {s['datasets']} datasets, {s['chips']} chips -> {s['summary']}")
+    console.print(f"demo: {s['datasets']} datasets, {s['chips']} chips -> {s['summary']}", soft_wrap=True)
 
 
 # --- train / generate (diffusion) ------------------------------------------------------------
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Option(Path("configs/train/aquarium-small.yaml"), help="train config YAML (configs/train/)"),
+    out: Path = typer.Option(..., help="model folder; rerunning the same command resumes from its checkpoints"),
+    chips: Path | None = typer.Option(None, help="chips folder (manifest.jsonl); overrides `chips:` in the config"),
+    preset: str | None = typer.Option(None, help="tiny | small | base | large"),
+    mode: str | None = typer.Option(None, help="progressive | flat"),
+    steps_per_stage: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]"),
+    threads: int | None = typer.Option(None, help="CPU threads"),
+) -> None:
+    """Train the taxonomy-conditioned diffusion model (every progressive stage in one command)."""
+    from synthgen.errors import SynthgenError
+    from synthgen.train import TrainConfig, train
+
+    try:
+        cfg = TrainConfig.from_yaml(config, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
+                                    device=device, threads=threads)
+        res = train(cfg, out, chips=chips)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(f"trained {res.steps} steps in {res.seconds / 60:.1f} min, final loss {res.final_loss:.4f} "
+                  f"-> {res.out} (loss plot {res.out / 'loss.png'})")
+
+
+@app.command("generate")
+def generate_cmd(
+    model: Path = typer.Option(..., help="model folder from `synthgen train`"),
+    taxon: str = typer.Option(..., help="taxon at any rank (scientific or common name, or dataset label)"),
+    n: int = typer.Option(..., help="number of chips (a rerun continues up to n)"),
+    out: Path = typer.Option(..., help="pool folder: <taxon>/*.png + manifest.jsonl"),
+    sampler: str = typer.Option("ddim", help="ddim | dpm | euler"),
+    steps: int = typer.Option(25),
+    guidance: str = typer.Option("taxonomic", help="taxonomic | cfg | none"),
+    scale: float = typer.Option(2.0, help="guidance scale w"),
+    reference: str = typer.Option("parent", help="taxonomic reference: parent | root | a level name"),
+    window: str = typer.Option("0.0,1.0", help="fraction of steps where guidance applies, e.g. 0.0,0.6"),
+    even: bool = typer.Option(False, help="above the leaves: sample trained taxa evenly, not by counts"),
+    batch_size: int = typer.Option(64),
+    device: str = typer.Option("auto"),
+    seed: int = typer.Option(0),
+    grid: bool = typer.Option(False, help="write a contact sheet per taxon under OUT/grids/"),
+) -> None:
+    """Generate labelled chips of a taxon; resumable, every image reproducible from its seed."""
+    from pydantic import ValidationError
+
+    from synthgen.errors import SynthgenError
+    from synthgen.guidance import GuidanceConfig
+    from synthgen.pipelines import GenerateConfig, generate
+
+    try:
+        w = tuple(float(v) for v in window.split(","))
+        gcfg = GenerateConfig(sampler=sampler, steps=steps, batch_size=batch_size, device=device, seed=seed,
+                              even=even, grid=grid,
+                              guidance=GuidanceConfig(mode=guidance, scale=scale, reference=reference, window=w))
+        res = generate(model, taxon, n, out, gcfg)
+    except (SynthgenError, ValidationError, ValueError) as e:
+        _fail(e)
+    grids = f", grids: {', '.join(str(p) for p in res.grids)}" if res.grids else ""
+    console.print(f"{res.written} chips written, {res.already} already done in {res.seconds:.1f}s "
+                  f"-> {res.out / 'manifest.jsonl'}{grids}")
 
 
 # --- filter / evaluate-samples / train-judge -------------------------------------------------

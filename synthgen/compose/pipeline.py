@@ -279,8 +279,7 @@ def compose_tile(job: dict) -> dict:
     if profile is not None:
         _write_geotiff(tile, profile, out_img)
     else:
-        with atomic_write(out_img, "wb") as f:
-            f.write(jpeg_bytes(tile, cfg.tile_aug.jpeg_quality or quality))
+        _replace_write(out_img, jpeg_bytes(tile, cfg.tile_aug.jpeg_quality or quality))
     # labels: real boxes (OBB corners kept as polygons for seg) + pasted boxes/polygons
     det, seg = [], []
     for b in existing:
@@ -293,12 +292,21 @@ def compose_tile(job: dict) -> dict:
         seg.append(_seg_line(p["cls"], p["poly"], tw, th))
     stem = Path(job["out_rel"]).with_suffix(".txt").name
     for sub, lines in (("labels", det), ("labels-seg", seg)):
-        with atomic_write(st["out"] / sub / job["split"] / stem) as f:
-            f.write("".join(line + "\n" for line in lines))
+        _replace_write(st["out"] / sub / job["split"] / stem, "".join(line + "\n" for line in lines))
     row = {"output": job["out_rel"], "background": job["image_path"], "copy": job["copy"], "width": tw,
            "height": th, "geo": profile is not None, "n_pasted": len(pasted), "n_skipped": skipped,
            "real": [[*b[:5], b[5]] for b in existing], "pasted": pasted}
     return {"row": row, "prov": prov}
+
+
+def _replace_write(path: Path, data: bytes | str) -> None:
+    """Temp file + rename, without fsync: a killed process never leaves a torn file under the final
+    name, and the fsynced manifest row (written after) decides whether the tile counts as done.
+    Skipping fsync for the three per-tile files roughly halves the time per tile."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
+    os.replace(tmp, path)
 
 
 def _yolo_line(c: int, b, w: int, h: int) -> str:

@@ -17,7 +17,7 @@ def test_demo_summary(shared_data, tmp_path):
     assert d["aquarium"]["boxes"]["train"]["fish"] == 1961
     shark = d["aquarium"]["taxa"]["shark"]
     assert (shark["taxon"], shark["level"]) == ("Selachimorpha", "clade:class")
-    assert "Chondrichthyes Selachimorpha" in shark["text"]
+    assert shark["text"].startswith("a photo of Animalia Chordata Chondrichthyes")
     assert d["glacierbay-seals"]["empty_images"]["train"] == 65
     assert d["glacierbay-seals"]["taxa"]["seal"]["taxon"] == "Phoca vitulina"
     rows = read_jsonl(tmp_path / "glacierbay-seals" / "chips" / "manifest.jsonl")

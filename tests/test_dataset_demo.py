@@ -25,3 +25,12 @@ def test_demo_summary(shared_data, tmp_path):
     md = (tmp_path / "summary.md").read_text()
     assert "| train | 448 | 1 | 3324 |" in md and "| seal | Phoca vitulina | species | 2917 |" in md
     assert run_demo(shared_data, tmp_path, ChipConfig(max_per_class=2), progress=False)["chips"] == 16  # resume
+
+
+def test_demo_cli_names_missing_data(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    r = CliRunner().invoke(app, ["demo", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 1 and "aquarium" in r.output and "dataset not found" in r.output

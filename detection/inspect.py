@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from detection.dataset import DetectionDataset
 
 
 def inspect_dataset(ds: DetectionDataset) -> dict:
-    """Per split: image count, empty images (no boxes), boxes per class, box sizes in pixels
+    """Per split: image count, empty images (no boxes; for YOLO also how many lack a label file), boxes per class, box sizes in pixels
     (min/median/max of width and height, overall and per class); plus the problems found."""
     per_image = ds.images.groupby("image_path").split.nunique()
     out: dict = {"format": ds.fmt, "root": ds.root, "names": list(ds.names), "splits": {},
@@ -23,6 +25,8 @@ def inspect_dataset(ds: DetectionDataset) -> dict:
         out["splits"][split] = {
             "images": int(len(im)),
             "empty_images": int((~im.image_path.isin(with_boxes)).sum()),
+            "missing_label_files": (int(sum(not Path(f).is_file() for f in im.source))
+                                    if ds.fmt in ("yolo", "yolo-obb") else 0),
             "boxes": int(len(bx)),
             "boxes_per_class": {n: int(counts.get(n, 0)) for n in ds.names} | {
                 n: int(c) for n, c in counts.items() if n not in ds.names},
@@ -53,6 +57,8 @@ def report_tables(stats: dict) -> list:
     sp = stats["splits"]
     t.add_row("images", *[str(sp[s]["images"]) for s in splits])
     t.add_row("empty images", *[str(sp[s]["empty_images"]) for s in splits])
+    if any(sp[s]["missing_label_files"] for s in splits):
+        t.add_row("  no label file", *[str(sp[s]["missing_label_files"]) for s in splits])
     t.add_row("boxes", *[str(sp[s]["boxes"]) for s in splits])
     labels = list(dict.fromkeys(n for s in splits for n in sp[s]["boxes_per_class"]))
     for n in labels:

@@ -53,6 +53,14 @@ def test_bad_label_line(copy, bad, match):
     assert ds.problems == [{"file": str(lab), "line": 2, "reason": e.value.reason}]
 
 
+def test_missing_label_file_is_an_empty_image(copy):
+    from detection.inspect import inspect_dataset
+
+    _labels(copy)[0].unlink()
+    st = inspect_dataset(read_dataset(copy))["splits"]["train"]
+    assert (st["images"], st["empty_images"], st["missing_label_files"]) == (3, 1, 1)
+
+
 def test_small_overshoot_tolerated(copy):
     """Exporters round: up to 0.02 outside [0, 1] is accepted and clipped."""
     _set_line(_labels(copy)[0], 1, "0 0.995 0.5 0.02 0.1")

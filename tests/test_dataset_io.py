@@ -68,7 +68,7 @@ def test_seal_counts_and_obb(seals):
     st = inspect_dataset(ds)
     assert ds.fmt == "yolo-obb"
     tr = st["splits"]["train"]
-    assert (tr["images"], tr["boxes"], tr["empty_images"]) == (1809, 2917, 65)
+    assert (tr["images"], tr["boxes"], tr["empty_images"], tr["missing_label_files"]) == (1809, 2917, 65, 0)
     assert st["splits"]["val"]["boxes"] == 261
     assert 50 < tr["box_size"]["w_median"] < 75  # README: about 60x65 px median
     # the axis-aligned box is min/max over the corners, clipped; the corners themselves are kept

@@ -34,49 +34,83 @@ def test_stage_cache_skips_reruns_and_rebuilds_on_change(tmp_path):
     assert c.run("r", "k", lambda d: {"kept": (d / "last.pt").exists()}, resumable=True) == {"kept": True}
 
 
-def _cfg(seals, epochs=1) -> BenchmarkConfig:
+def _cfg(seals, configs, conf=0.25, arms=None) -> BenchmarkConfig:
     scale = ScaleConfig(
-        fractions=[0.01, 0.02], seeds=[0, 1],
-        detector={"model": "yolov8n.yaml", "imgsz": 64, "epochs": epochs, "batch": 8, "workers": 0},
+        fractions=[0.01], seeds=[0],
+        detector={"model": "yolov8n.yaml", "imgsz": 64, "epochs": 1, "batch": 8, "workers": 0},
+        operating_conf=conf,
+        synthetic_images=4,
+        chips={"size": 32},
+        generator={"preset": "tiny", "image_size": 32, "steps_per_stage": 2, "batch_size": 4, "warmup_steps": 1,
+                   "checkpoint_every": 3, "device": "cpu"},
+        generate={"n": 4, "steps": 2, "batch_size": 4, "device": "cpu"},
+        # a 2-step tiny generator makes noise: accept any mask so its tiles still reach the detector
+        compose={"config": str(configs / "compose" / "glacierbay-seals.yaml"),
+                 "mask": {"min_area": 0.0, "max_area": 100.0, "max_edges_touched": 4, "max_second_blob": 100.0}},
     )
     return BenchmarkConfig(
-        name="seals-tiny", dataset=str(seals), group_pattern=r"^(.+?)_jpg\.rf\.", val_fraction=0.02,
-        scales={"tiny": scale},
+        name="seals-tiny", dataset=str(seals), taxonomy=str(configs / "taxonomy" / "glacierbay-seals.csv"),
+        group_pattern=r"^(.+?)_jpg\.rf\.", val_fraction=0.02, scales={"tiny": scale},
+        **({"arms": arms} if arms else {}),
     )
 
 
 @pytest.mark.slow
-def test_tiny_benchmark_runs_caches_and_reports(seals, tmp_path):
+def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_path):
     out, work = tmp_path / "results", tmp_path / "work"
-    res = run_benchmark(_cfg(seals), "tiny", out, work, device="cpu", progress=False)
+    res = run_benchmark(_cfg(seals, configs), "tiny", out, work, device="cpu", progress=False)
 
     # split protocol: valid is the test set, train groups never cross train/val
     assert res["split"]["counts"]["test"] == 151
     assert res["split"]["leaked_groups_dropped"] == 0
     runs = res["runs"]
-    assert {(r["arm"], r["fraction"], r["seed"]) for r in runs} == {
-        ("real", f, s) for f in (0.01, 0.02) for s in (0, 1)
-    }
+    assert res["skipped_arms"] == {}
+    assert sorted(r["arm"] for r in runs) == sorted(["real", "copy_paste", "synthgen", "synth_only",
+                                                     "pretrain_finetune"])
     for r in runs:
         assert 0 <= r["map50"] <= 1 and r["n_images"] == 151 and r["n_gt"] == 261  # README: 261 seals
-    # synthetic stages not installed in this checkout: said so, not silently dropped
-    assert set(res["skipped_arms"]) == {"copy_paste", "synthgen", "synth_only", "pretrain_finetune"}
+    cell = work / "cells" / "f0.01-s0"
+    real = set((cell / "subset" / "train_real_source.txt").read_text().split())
+    chips = [json.loads(x)["source_image"] for x in (cell / "chips" / "manifest.jsonl").read_text().splitlines()]
+    assert chips and set(chips) <= real  # the generator saw only this cell's real training images
+    synth = (cell / "compose-synthgen" / "train_synthetic.txt").read_text().split()
+    assert len(synth) == 4
+    test_imgs = set(json.loads(json.dumps(res["split"]))["counts"]) and {
+        p for p in (work / "split" / "test.txt").read_text().split()}
+    assert not test_imgs & real
 
     md = (out / "report.md").read_text()
-    assert "Not answered" in md and "real + synthgen arm was not run" in md
-    assert "## Results" in md and "0.01" in md
+    assert "At 1% of the real data, real + synthgen vs real-only" in md and "## Results" in md
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and 'src="map_vs' not in html
+    assert (out / "example_synthetic_tiles.png").is_file()
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(json.dumps(runs))
 
     # second run: everything cached, identical numbers
-    res2 = run_benchmark(_cfg(seals), "tiny", out, work, device="cpu", progress=False)
+    res2 = run_benchmark(_cfg(seals, configs), "tiny", out, work, device="cpu", progress=False)
     assert res2["stages"]["ran"] == 0 and res2["runs"] == runs
 
-    # changing the detector schedule redoes detectors + evaluation only, not split or subsets
-    res3 = run_benchmark(_cfg(seals, epochs=2), "tiny", out, work, device="cpu", progress=False)
-    assert res3["stages"]["ran"] == 8  # 4 detectors + 4 evaluations
-    assert res3["stages"]["cached"] == 5  # split + 4 subsets
+    # changing an evaluation setting redoes the evaluations only: no data, generator or detector stage
+    res3 = run_benchmark(_cfg(seals, configs, conf=0.5), "tiny", out, work, device="cpu", progress=False)
+    assert res3["stages"]["ran"] == 5
+    # split, subset, chips, generator, generated, 2 composes, 5 detectors + synth_only reused by pretrain
+    assert res3["stages"]["cached"] == 13
+    assert [r["map50"] for r in res3["runs"]] == [r["map50"] for r in runs]  # mAP does not use the threshold
+
+
+def test_missing_stage_is_reported_not_dropped(seals, configs, tmp_path, monkeypatch):
+    """If a synthetic stage cannot run here, the arms that need it are listed with the reason."""
+    from synthgen.benchmark import synthetic
+
+    def unavailable(*a, **k):
+        raise synthetic.StageUnavailable("synthgen.train.trainer.train is not available (test)")
+
+    monkeypatch.setattr(synthetic, "train_generator", unavailable)
+    res = run_benchmark(_cfg(seals, configs, arms=["real", "synthgen"]), "tiny", tmp_path / "r", tmp_path / "w",
+                        device="cpu", progress=False)
+    assert [r["arm"] for r in res["runs"]] == ["real"]
+    assert "not available (test)" in res["skipped_arms"]["synthgen"]
+    assert "Not answered" in (tmp_path / "r" / "report.md").read_text()
 
 
 def test_report_states_goal_outcome_from_paired_runs(tmp_path):

@@ -1,6 +1,6 @@
 """The benchmark: does synthgen's data make a detector better on real held-out images?
 
-`run_benchmark(config, scale)` runs splits -> chips -> generator -> generate -> filter -> compose
+`run_benchmark(config, scale)` runs splits -> chips -> generator -> generate -> compose
 -> detectors -> evaluation, each stage cached by a hash of its inputs, then writes the report.
 """
 

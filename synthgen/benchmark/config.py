@@ -32,10 +32,10 @@ class ScaleConfig(BaseModel):
     detector: DetectorTrainConfig = Field(default_factory=DetectorTrainConfig)
     synthetic_ratio: float = Field(0.5, ge=0.0, le=1.0, description="synthetic share of each batch (arms 2, 3)")
     synthetic_images: int = Field(500, description="composed training tiles per cell (arms 2-5)")
-    generator: dict[str, Any] = Field(default_factory=dict, description="overrides for the generator training")
-    generate: dict[str, Any] = Field(default_factory=dict, description="overrides for sampling (count, steps...)")
-    filter: dict[str, Any] = Field(default_factory=dict, description="overrides for the filter")
-    compose: dict[str, Any] = Field(default_factory=dict, description="overrides for augment-dataset")
+    chips: dict[str, Any] = Field(default_factory=dict, description="detection.chips.ChipConfig fields")
+    generator: dict[str, Any] = Field(default_factory=dict, description="synthgen.train TrainConfig fields")
+    generate: dict[str, Any] = Field(default_factory=dict, description="n, query and GenerateConfig fields")
+    compose: dict[str, Any] = Field(default_factory=dict, description="synthgen.compose ComposeConfig fields")
     eval_imgsz: int | None = Field(None, description="inference size on test images (default: detector imgsz)")
     eval_conf: float = 0.001  # low threshold for mAP; PRF1/counts use `operating_conf`
     operating_conf: float = 0.25

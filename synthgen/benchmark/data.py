@@ -17,6 +17,11 @@ from synthgen.errors import SynthgenError
 from synthgen.io_utils import atomic_write
 
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # as detection.read_dataset names them
+
+
+def canonical_split(name: str) -> str:
+    return SPLIT_ALIASES.get(name, name)
 
 
 class BenchmarkDataError(SynthgenError):
@@ -79,9 +84,14 @@ def load_dataset(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str
     try:
         from detection import read_dataset
     except ImportError:
-        return _read_yolo(root)
-    ds = read_dataset(root)
-    return ds.images.copy(), ds.boxes[["image_path", "xmin", "ymin", "xmax", "ymax", "label", "split"]], list(ds.names)
+        images, boxes, names = _read_yolo(root)
+    else:
+        ds = read_dataset(root)
+        images, names = ds.images.copy(), list(ds.names)
+        boxes = ds.boxes[["image_path", "xmin", "ymin", "xmax", "ymax", "label", "split"]].copy()
+    images["split"] = images.split.map(canonical_split)
+    boxes["split"] = boxes.split.map(canonical_split)
+    return images, boxes, names
 
 
 def materialize(images: pd.DataFrame, boxes: pd.DataFrame, names: list[str], out: Path) -> dict[str, str]:

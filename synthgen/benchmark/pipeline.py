@@ -1,5 +1,5 @@
 """The benchmark pipeline: split -> per (fraction, seed) cell: subset, chips, generator, generate,
-filter, compose -> detectors per arm -> evaluation on the real test split -> report.
+compose -> detectors per arm -> evaluation on the real test split -> report.
 
 Split protocol (documented in every report): the dataset's `test_split` (e.g. `valid`) is the
 test set; it is real, and never seen by the generator, the judge or any detector. The given
@@ -19,7 +19,7 @@ from detection.train import DetectorTrainConfig, train_detector, write_data_yaml
 from synthgen.benchmark import synthetic
 from synthgen.benchmark.cache import StageCache, stage_hash
 from synthgen.benchmark.config import BenchmarkConfig, ScaleConfig
-from synthgen.benchmark.data import load_dataset, materialize, write_list
+from synthgen.benchmark.data import canonical_split, load_dataset, materialize, write_list
 from synthgen.benchmark.report import write_report
 from synthgen.benchmark.splits import draw_fraction, group_ids, split_by_group
 from synthgen.errors import SynthgenError
@@ -29,13 +29,14 @@ from synthgen.io_utils import write_json
 def make_split(cfg: BenchmarkConfig, folder: Path) -> dict:
     """Materialise the real data once: test / val / train-pool lists, labels, split table."""
     images, boxes, names = load_dataset(cfg.dataset)
-    if cfg.test_split not in set(images.split) or cfg.train_split not in set(images.split):
+    test_split, train_split = canonical_split(cfg.test_split), canonical_split(cfg.train_split)
+    if test_split not in set(images.split) or train_split not in set(images.split):
         raise SynthgenError(
             f"{cfg.dataset}: needs splits {cfg.train_split!r} and {cfg.test_split!r}, has {sorted(set(images.split))}"
         )
     images = images.assign(group=group_ids(images.image_path, cfg.group_pattern))
-    test = images[images.split == cfg.test_split]
-    pool = images[images.split == cfg.train_split]
+    test = images[images.split == test_split]
+    pool = images[images.split == train_split]
     leaked = pool.group.isin(set(test.group))
     pool = pool[~leaked]  # a group present in test never trains anything
     side = split_by_group(pool, boxes, cfg.val_fraction, cfg.split_seed)
@@ -98,35 +99,34 @@ class Benchmark:
             train = table[table.bench_split == "train"]
             picked = set(draw_fraction(train, boxes, fraction, seed))
             write_list(d / "train_real.txt", sorted(train.link[train.image_path.isin(picked)]))
+            write_list(d / "train_real_source.txt", sorted(picked))  # original paths, for chips/compose
             return {"images": len(picked), "boxes": int(boxes.image_path.isin(picked).sum())}
 
         self.cache.run(name, key, build)
         return key, self.work / name / "train_real.txt"
 
     def synthetic_list(self, kind: str, sub_key: str, train_list: Path, fraction: float, seed: int) -> tuple[str, Path]:
-        """copy_paste: compose real chips; synthgen: chips -> generator -> generate -> filter -> compose."""
-        s, cell = self.scale, f"cells/f{fraction:g}-s{seed}"
-        data_yaml = self._data_yaml(self.work / cell, train_list)
-        chips_key = stage_hash("chips", sub_key)
-        self.cache.run(f"{cell}/chips", chips_key,
-                       lambda d: {"dir": str(synthetic.chips(train_list, data_yaml, d, self.cfg.taxonomy))})
+        """copy_paste: compose the cell's real chips; synthgen: chips -> generator -> generate -> compose."""
+        s, cell, c = self.scale, f"cells/f{fraction:g}-s{seed}", self.cfg
+        source_list = train_list.with_name("train_real_source.txt")
+        train_images = source_list.read_text().split()
+        chips_key = stage_hash("chips", sub_key, s.chips, c.taxonomy)
+        self.cache.run(f"{cell}/chips", chips_key, lambda d: {"dir": str(synthetic.chips(
+            c.dataset, train_images, d, c.taxonomy, **s.chips))}, resumable=True)
         pool, pool_key = self.work / cell / "chips", chips_key
         if kind == "synthgen":
             gen_key = stage_hash("generator", chips_key, s.generator, seed)
             self.cache.run(f"{cell}/generator", gen_key,
                            lambda d: {"dir": str(synthetic.train_generator(pool, d, seed=seed, **s.generator))},
                            resumable=True)
-            smp_key = stage_hash("generate", gen_key, s.generate, seed)
-            self.cache.run(f"{cell}/generated", smp_key,
-                           lambda d: {"dir": str(synthetic.generate(self.work / cell / "generator", pool, d,
-                                                                    seed=seed, **s.generate))}, resumable=True)
-            pool_key = stage_hash("filter", smp_key, s.filter)
-            self.cache.run(f"{cell}/filtered", pool_key,
-                           lambda d: {"dir": str(synthetic.filter_pool(self.work / cell / "generated", d, **s.filter))})
-            pool = self.work / cell / "filtered"
+            pool_key = stage_hash("generate", gen_key, s.generate, seed)
+            self.cache.run(f"{cell}/generated", pool_key, lambda d: {"dir": str(synthetic.generate(
+                self.work / cell / "generator", d, seed=seed, **s.generate))}, resumable=True)
+            pool = self.work / cell / "generated"
         key = stage_hash("compose", kind, pool_key, s.compose, s.synthetic_images, seed)
         self.cache.run(f"{cell}/compose-{kind}", key, lambda d: {"list": str(synthetic.compose(
-            pool, data_yaml, train_list, d, n_images=s.synthetic_images, seed=seed, **s.compose))}, resumable=True)
+            c.dataset, pool, source_list, d, n_images=s.synthetic_images, seed=seed, **s.compose))},
+            resumable=True)
         return key, self.work / cell / f"compose-{kind}" / "train_synthetic.txt"
 
     def _data_yaml(self, folder: Path, train_real: Path, synth: Path | None = None, ratio: float | None = None,

@@ -2,8 +2,8 @@
 
 Each adapter turns one cell's real training subset into a folder holding `train_synthetic.txt`
 (composed tiles with YOLO labels beside them), via the library functions of chips (detection),
-generator training (synthgen.train), generation (synthgen.pipelines), filtering (synthgen.filter)
-and composition (synthgen.compose). If one of those is not importable the stage raises
+generator training (synthgen.train), generation (synthgen.pipelines) and composition
+(synthgen.compose). If one of those is not importable the stage raises
 `StageUnavailable` with the reason; the pipeline records the arm as not run and the report says
 so, instead of silently reporting fewer arms.
 """
@@ -28,29 +28,40 @@ def _fn(module: str, name: str):
         raise StageUnavailable(f"{module}.{name} is not available ({e})") from e
 
 
-def chips(train_list: Path, data_yaml: Path, out: Path, taxonomy: str | None, **kw: Any) -> Path:
+def chips(dataset: str, train_images: list[str], out: Path, taxonomy: str | None, **kw: Any) -> Path:
     """Real instance chips from the cell's training images only (the generator never sees others)."""
-    extract = _fn("detection.chips", "extract_chips")
-    extract(data_yaml, out, image_list=train_list, taxonomy=taxonomy, **kw)
+    from detection import read_dataset
+
+    make_chips = _fn("detection.chips", "make_chips")
+    cfg = _fn("detection.chips", "ChipConfig")(**kw)
+    ds = read_dataset(dataset).subset(images=train_images)
+    make_chips(ds, out, cfg=cfg, taxonomy=taxonomy, split=None, progress=False)
     return out
 
 
-def train_generator(chips_dir: Path, out: Path, **kw: Any) -> Path:
-    return Path(_fn("synthgen.train", "train_generator")(chips_dir, out, **kw))
+def train_generator(chips_dir: Path, out: Path, seed: int, **kw: Any) -> Path:
+    """The diffusion generator, trained on this cell's chips only (synthgen.train)."""
+    cfg = _fn("synthgen.train.config", "TrainConfig")(**({"seed": seed} | kw))
+    _fn("synthgen.train.trainer", "train")(cfg, out, chips=chips_dir, progress=False)
+    return out
 
 
-def generate(model_dir: Path, chips_dir: Path, out: Path, **kw: Any) -> Path:
-    return Path(_fn("synthgen.pipelines", "generate_pool")(model_dir, out, reference=chips_dir, **kw))
+def generate(model_dir: Path, out: Path, seed: int, n: int = 200, query: str = "Animalia", **kw: Any) -> Path:
+    """`n` instances of every trained taxon under `query`, weighted by training counts."""
+    cfg = _fn("synthgen.pipelines.generate", "GenerateConfig")(**({"seed": seed} | kw))
+    _fn("synthgen.pipelines.generate", "generate")(model_dir, query, n, out, cfg, progress=False)
+    return out
 
 
-def filter_pool(pool: Path, out: Path, **kw: Any) -> Path:
-    return Path(_fn("synthgen.filter", "filter_pool")(pool, out, **kw))
-
-
-def compose(pool: Path, data_yaml: Path, train_list: Path, out: Path, n_images: int, seed: int, **kw: Any) -> Path:
+def compose(dataset: str, pool: Path, train_list: Path, out: Path, n_images: int, seed: int, **kw: Any) -> Path:
     """Paste pool instances into the cell's real training tiles; returns the synthetic image list."""
-    augment = _fn("synthgen.compose", "augment_dataset")
-    augment(data_yaml, pool, out, image_list=train_list, n_images=n_images, seed=seed, **kw)
+    augment = _fn("synthgen.compose.pipeline", "augment_dataset")
+    cfg = kw.pop("config", None)  # a compose YAML (configs/compose/NAME.yaml); other keys override fields
+    if kw:
+        cc = _fn("synthgen.compose.config", "ComposeConfig")
+        base = cc.from_yaml(cfg) if cfg else cc()
+        cfg = cc(**(base.model_dump() | kw))
+    augment(dataset, pool, out, config=cfg, image_list=train_list, n_images=n_images, seed=seed)
     lst = out / "train_synthetic.txt"
     if not lst.is_file():
         raise SynthgenError(f"{out}: augment-dataset wrote no train_synthetic.txt")

@@ -1,0 +1,159 @@
+"""Adding a taxon to a trained tiny model: vocab/table extension, delta storage, old taxa unchanged."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from detection.chips import ChipConfig, make_chips
+from synthgen.continual import (
+    ContinualConfig,
+    add_taxa,
+    extend_vocab,
+    load_model_folder,
+    old_taxa_report,
+    tuned_names,
+)
+from synthgen.errors import SynthgenError
+from synthgen.models import TaxonVocab
+from synthgen.train import TrainConfig, train
+
+REPO = Path(__file__).resolve().parents[1]
+TAXA_FILE = REPO / "configs/taxonomy/aquarium.csv"
+NEW = "starfish"
+
+
+def split_chips(src: Path, out: Path, keep) -> Path:
+    """A chips folder holding only the rows of `src` whose label passes `keep` (PNGs copied)."""
+    rows = [json.loads(x) for x in (src / "manifest.jsonl").read_text().splitlines() if x.strip()]
+    rows = [r for r in rows if keep(r["label"])]
+    for r in rows:
+        (out / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src / r["file"], out / r["file"])
+    shutil.copy(src / "taxonomy.json", out / "taxonomy.json")
+    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return out
+
+
+@pytest.fixture(scope="module")
+def world(aquarium, tmp_path_factory):
+    """Real aquarium chips (7 taxa), a tiny base model trained without starfish."""
+    root = tmp_path_factory.mktemp("continual")
+    make_chips(aquarium, root / "all", ChipConfig(size=32, max_per_class=6), taxonomy=TAXA_FILE, progress=False)
+    old = split_chips(root / "all", root / "old", lambda lb: lb != NEW)
+    new = split_chips(root / "all", root / "new", lambda lb: lb == NEW)
+    cfg = TrainConfig(preset="tiny", image_size=32, mode="flat", steps_per_stage=4, batch_size=4, warmup_steps=1,
+                      checkpoint_every=100, log_every=1, device="cpu", ema_decay=0.9)
+    train(cfg, root / "base", chips=old, progress=False)
+    return {"root": root, "all": root / "all", "old": old, "new": new, "base": root / "base"}
+
+
+def tiny(tune: str, **kw) -> ContinualConfig:
+    return ContinualConfig(**{**dict(tune=tune, steps=4, batch_size=4, warmup_steps=1, checkpoint_every=2,
+                                     log_every=1, device="cpu"), **kw})
+
+
+def test_extend_vocab_keeps_old_indices():
+    old = TaxonVocab(levels=["kingdom", "phylum", "order"], names={"kingdom": ["Animalia"], "phylum": ["Chordata"],
+                                                                   "order": ["Sphenisciformes"]})
+    new = extend_vocab(old, [{"kingdom": "Animalia", "phylum": "Echinodermata", "class": "Asteroidea"},
+                             {"kingdom": "Animalia", "phylum": "Arthropoda"}])
+    assert new.levels == ["kingdom", "phylum", "class", "order"]  # new level slotted in rank order
+    assert new.names["phylum"] == ["Chordata", "Arthropoda", "Echinodermata"]  # old first, new appended
+    assert new.encode({"kingdom": "Animalia", "phylum": "Chordata", "order": "Sphenisciformes"}) == (1, 1, 0, 1)
+    assert new.encode({"kingdom": "Animalia", "phylum": "Echinodermata", "class": "Asteroidea"}) == (1, 3, 1, 0)
+
+
+def test_rows_only_keeps_old_taxa_bit_identical(world):
+    out = world["root"] / "ext-rows"
+    res = add_taxa(world["base"], world["new"], out, TAXA_FILE, tiny("rows"), progress=False)
+    assert res.new_taxa == ["Asteroidea"]
+    base, ext = load_model_folder(world["base"]), load_model_folder(out)
+    # every weight of the base is in the extension unchanged; only new rows were added
+    bsd, esd = base.state_dict(), ext.state_dict()
+    for k, v in bsd.items():
+        if k.startswith("encoder.tables."):
+            lv = base.vocab.levels[int(k.split(".")[2])]
+            w = esd[f"encoder.tables.{ext.vocab.levels.index(lv)}.weight"]
+            assert torch.equal(w[: v.shape[0]], v)
+        else:
+            assert torch.equal(esd[k], v), k
+    phylum = ext.vocab.levels.index("phylum")
+    assert ext.encoder.tables[phylum].weight.shape[0] == base.encoder.tables[base.vocab.levels.index("phylum")].weight.shape[0] + 1
+    assert ext.encoder.tables[phylum].weight[-1].abs().sum() > 0  # the new Echinodermata row learned
+    # the delta holds only new rows: a few KB against the full model
+    delta = load_file(str(out / "delta.safetensors"))
+    assert all(k.startswith("rows.") for k in delta)
+    assert res.delta_bytes < res.base_bytes / 100
+    # same seeds -> identical old-taxa samples, hence identical judge accuracy
+    rep = old_taxa_report(world["base"], out, world["all"], n=2, steps=3)
+    assert all(v["identical"] for v in rep["per_taxon"].values())
+    assert rep["acc_before"] == rep["acc_after"] and rep["mean_abs_pixel_diff"] == 0.0
+    # the extended folder generates the new taxon through the ordinary code path
+    counts = json.loads((out / "taxon_counts.json").read_text())
+    assert counts["Asteroidea"]["count"] == 6 and counts["Asteroidea"]["label"] == "starfish"
+    assert len(counts) == 7
+
+
+def test_rows_bias_norm_delta_and_drift_measured(world):
+    out = world["root"] / "ext-rbn"
+    res = add_taxa(world["base"], world["all"], out, TAXA_FILE, tiny("rows+bias+norm"), progress=False)
+    meta = json.loads((out / "continual.json").read_text())
+    ext = load_model_folder(out)
+    names = meta["tuned_tensors"]
+    assert names and all(n.endswith(".bias") or "norm" in n for n in names)
+    assert set(names) == set(tuned_names(ext, "rows+bias+norm"))
+    assert not any(n.endswith(".weight") and "norm" not in n for n in names)  # kernels stay frozen
+    assert res.delta_bytes < res.base_bytes / 5
+    rep = old_taxa_report(world["base"], out, world["all"], n=2, steps=3)
+    assert 0.0 <= rep["acc_after"] <= 1.0 and rep["mean_abs_pixel_diff"] >= 0.0
+    assert set(rep["per_taxon"]) == set(json.loads((world["base"] / "taxon_counts.json").read_text()))
+
+
+def test_resume_after_kill_matches_uninterrupted(world, monkeypatch):
+    import synthgen.continual as continual
+
+    a, b = world["root"] / "res-a", world["root"] / "res-b"
+    add_taxa(world["base"], world["new"], a, TAXA_FILE, tiny("rows+bias"), progress=False)
+    real_gen = continual._gen
+
+    def killed(*key):
+        if key[1] == 3:  # step 3 of 4, after the step-2 checkpoint
+            raise KeyboardInterrupt
+        return real_gen(*key)
+
+    monkeypatch.setattr(continual, "_gen", killed)
+    with pytest.raises(KeyboardInterrupt):
+        add_taxa(world["base"], world["new"], b, TAXA_FILE, tiny("rows+bias"), progress=False)
+    assert (b / "checkpoints/last/state.json").exists() and not (b / "synthgen_model.json").exists()
+    monkeypatch.setattr(continual, "_gen", real_gen)
+    add_taxa(world["base"], world["new"], b, TAXA_FILE, tiny("rows+bias"), progress=False)
+    da, db = load_file(str(a / "delta.safetensors")), load_file(str(b / "delta.safetensors"))
+    assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
+    assert not (b / "checkpoints").exists()
+    # rerunning a finished extension is a no-op; a different config into the same folder is refused
+    again = add_taxa(world["base"], world["new"], a, TAXA_FILE, tiny("rows+bias"), progress=False)
+    assert again.seconds == 0.0
+    with pytest.raises(SynthgenError, match="other data or settings"):
+        add_taxa(world["base"], world["new"], a, TAXA_FILE, tiny("rows"), progress=False)
+
+
+def test_bad_inputs_name_the_file(world, tmp_path):
+    with pytest.raises(SynthgenError, match="nothing to add"):
+        add_taxa(world["base"], world["old"], tmp_path / "x", TAXA_FILE, tiny("rows"), progress=False)
+    seals_tax = REPO / "configs/taxonomy/glacierbay-seals.csv"
+    with pytest.raises(SynthgenError, match="glacierbay-seals.csv"):
+        add_taxa(world["base"], world["new"], tmp_path / "y", seals_tax, tiny("rows"), progress=False)
+    with pytest.raises(SynthgenError, match="must differ"):
+        add_taxa(world["base"], world["new"], world["base"], TAXA_FILE, tiny("rows"), progress=False)
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("tune: everything\n")
+    with pytest.raises(SynthgenError, match="bad.yaml"):
+        ContinualConfig.from_yaml(bad)
+    for f in (REPO / "configs/continual").glob("*.yaml"):
+        ContinualConfig.from_yaml(f)

@@ -1,0 +1,242 @@
+"""`synthgen generate`: resumable, reproducible generation of labelled chips for one taxon.
+
+manifest.jsonl is the source of truth: an index is done when its row exists and its PNG is there.
+Every image has its own seed (noise from its own torch.Generator), so it can be regenerated alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from pydantic import BaseModel, ConfigDict
+from tqdm.auto import tqdm
+
+from synthgen.device import resolve_device
+from synthgen.errors import SynthgenError
+from synthgen.guidance import GuidanceConfig, reference_codes
+from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
+from synthgen.pipelines.sampling import SAMPLERS, GuidedSampler, load_model
+
+
+class GenerateConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    sampler: str = "ddim"
+    steps: int = 25
+    guidance: GuidanceConfig = GuidanceConfig()
+    batch_size: int = 64
+    device: str = "auto"
+    seed: int = 0
+    even: bool = False  # above the leaves: sample trained taxa evenly, not by training counts
+    grid: bool = False
+    compile: bool = False
+
+
+@dataclass
+class GenerateResult:
+    out: Path
+    written: int
+    already: int
+    seconds: float
+    grids: list[Path]
+
+
+@dataclass
+class Target:
+    taxon: str
+    label: str
+    lineage: dict[str, str]
+    weight: float
+
+
+def _slug(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "taxon"
+
+
+def _query_lineage(model_dir: Path, query: str) -> tuple[str, str, dict[str, str]] | None:
+    """(name, level, lineage) of the query from the model's taxonomy.json (common names etc.)."""
+    tax_file = model_dir / "taxonomy.json"
+    if not tax_file.exists():
+        return None
+    try:
+        from taxonomy import Taxonomy, TaxonomyError
+    except ImportError:
+        return None
+    tax = Taxonomy.load(tax_file)
+    try:
+        t = tax.resolve(query)
+    except TaxonomyError:
+        return None
+    return t.name, t.level, {a.level: a.name for a in tax.lineage(t)}
+
+
+def resolve_targets(model_dir: str | Path, query: str, even: bool = False) -> list[Target]:
+    """Trained taxa at or under `query` (any rank), weighted by training counts or evenly."""
+    model_dir = Path(model_dir)
+    counts_file = model_dir / "taxon_counts.json"
+    if not counts_file.exists():
+        raise SynthgenError(f"{counts_file}: missing; {model_dir} is not a complete synthgen model folder")
+    counts = json.loads(counts_file.read_text(encoding="utf-8"))
+    q = query.strip().lower()
+    hits = {}
+    # the query as a trained taxon, a dataset label or a name anywhere in a trained lineage
+    for taxon, c in counts.items():
+        names = [taxon, c.get("label") or "", *c["lineage"].values()]
+        if q in (n.lower() for n in names):
+            hits[taxon] = c
+    known = _query_lineage(model_dir, query)
+    if not hits and known:
+        name, level, _ = known
+        hits = {t: c for t, c in counts.items() if c["lineage"].get(level) == name}
+    if not hits:
+        trained = sorted(counts)
+        if known:  # name the trained taxa sharing the deepest part of the query's lineage
+            _, _, lin = known
+
+            def shared(c: dict) -> int:
+                return sum(1 for lv, nm in lin.items() if c["lineage"].get(lv) == nm)
+
+            best = max(shared(c) for c in counts.values())
+            trained = sorted(t for t, c in counts.items() if shared(c) == best)
+            raise SynthgenError(f"nothing trained under {query!r}; nearest trained taxa: {', '.join(trained)}")
+        raise SynthgenError(f"taxon {query!r} is unknown to model {model_dir}; trained taxa: {', '.join(trained)}")
+    return [
+        Target(t, c.get("label") or t, c["lineage"], 1.0 if even else float(c["count"]))
+        for t, c in sorted(hits.items())
+    ]
+
+
+def image_seed(base: int, query: str, index: int) -> int:
+    """Stable per-image seed (independent of batch size, process count and resume point)."""
+    h = hashlib.sha256(f"{base}|{query.lower()}|{index}".encode()).digest()
+    return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
+
+
+def _contact_sheet(paths: list[Path], title: str, out: Path, max_images: int = 64) -> None:
+    paths = paths[:max_images]
+    ims = [Image.open(p).convert("RGB") for p in paths]
+    s = ims[0].size[0]
+    cols = math.ceil(math.sqrt(len(ims)))
+    rows = math.ceil(len(ims) / cols)
+    pad, head = 2, 14
+    sheet = Image.new("RGB", (cols * (s + pad) + pad, rows * (s + pad) + pad + head), "white")
+    ImageDraw.Draw(sheet).text((pad, 1), f"{title} ({len(ims)})", fill="black")
+    for k, im in enumerate(ims):
+        sheet.paste(im, (pad + (k % cols) * (s + pad), head + pad + (k // cols) * (s + pad)))
+    atomic_save_image(sheet, out)
+
+
+def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: GenerateConfig | None = None,
+             progress: bool = True) -> GenerateResult:
+    """Generate indices 0..n-1 of `taxon` into `out` (PNG + manifest rows), skipping those done."""
+    from accelerate import PartialState
+
+    cfg = cfg or GenerateConfig()
+    if cfg.sampler not in SAMPLERS:
+        raise SynthgenError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    model_dir, out = Path(model_dir), Path(out)
+    meta_file = model_dir / "synthgen_model.json"
+    if not meta_file.exists():
+        raise SynthgenError(f"{meta_file}: missing; train a model with `synthgen train` (or it did not finish)")
+    model_id = json.loads(meta_file.read_text(encoding="utf-8"))["id"]
+    targets = resolve_targets(model_dir, taxon, cfg.even)
+    settings = {
+        "sampler": cfg.sampler,
+        "steps": cfg.steps,
+        "guidance": {"mode": cfg.guidance.mode, "scale": cfg.guidance.scale, "reference": cfg.guidance.reference,
+                     "window": list(cfg.guidance.window)},
+        "model": model_id,
+    }
+    state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
+    sub = _slug(taxon)
+    manifest = out / "manifest.jsonl"
+    shard = manifest if state.num_processes == 1 else out / f"manifest.rank{state.process_index}.jsonl"
+    rows = read_jsonl(manifest) + [r for p in sorted(out.glob("manifest.rank*.jsonl")) for r in read_jsonl(p)]
+    done = set()
+    for r in rows:
+        if r.get("query", "").lower() != taxon.lower():
+            continue
+        if any(r.get(k) != v for k, v in settings.items()):
+            raise SynthgenError(
+                f"{manifest}: holds {taxon!r} images made with other settings ({r.get('sampler')}, {r.get('steps')} steps, "
+                f"guidance {r.get('guidance')}, model {r.get('model')}); use another --out"
+            )
+        if (out / r["file"]).exists():
+            done.add(r["index"])
+    for tmp in (out / sub).glob(".*.tmp") if (out / sub).is_dir() else []:
+        tmp.unlink()  # temp file of a write that a kill interrupted
+    todo = [i for i in range(n) if i not in done][state.process_index :: state.num_processes]
+
+    t0 = time.time()
+    written = 0
+    if todo:
+        device = state.device if cfg.device == "auto" else resolve_device(cfg.device)
+        model, sched_cfg = load_model(model_dir, device)
+        sampler = GuidedSampler(model, sched_cfg, cfg.sampler, cfg.steps, compile=cfg.compile)
+        vocab, levels = model.vocab, model.vocab.levels
+        weights = [tg.weight for tg in targets]
+        bar = tqdm(total=len(todo), disable=not (progress and state.is_main_process), desc=f"generate {taxon}", unit="img")
+        with JsonlAppender(shard) as app:
+            for start in range(0, len(todo), cfg.batch_size):
+                idx = todo[start : start + cfg.batch_size]
+                seeds = [image_seed(cfg.seed, taxon, i) for i in idx]
+                chosen = [random.Random(s).choices(targets, weights)[0] for s in seeds]
+                noise = torch.stack([
+                    torch.randn((3, model.sample_size, model.sample_size), generator=torch.Generator().manual_seed(s))
+                    for s in seeds
+                ])
+                codes = [vocab.encode(tg.lineage) for tg in chosen]
+                refs = [reference_codes(c, cfg.guidance.mode, cfg.guidance.reference, levels) for c in codes]
+                imgs = sampler(noise, torch.tensor(codes), torch.tensor(refs), cfg.guidance)
+                for i, s, tg, img in zip(idx, seeds, chosen, imgs, strict=True):
+                    rel = f"{sub}/{sub}_{i:06d}.png"
+                    atomic_save_image(Image.fromarray(img.numpy()), out / rel)
+                    app.write({"file": rel, "index": i, "query": taxon, "label": tg.label, "taxon": tg.taxon,
+                               "lineage": tg.lineage, "seed": s, "size": model.sample_size, **settings})
+                    written += 1
+                bar.update(len(idx))
+        bar.close()
+    state.wait_for_everyone()
+    grids: list[Path] = []
+    if state.is_main_process:
+        if shard != manifest or list(out.glob("manifest.rank*.jsonl")):
+            _merge_shards(manifest, out)
+        if cfg.grid:
+            grids = write_grids(out, taxon)
+    return GenerateResult(out, written, len(done), time.time() - t0, grids)
+
+
+def _merge_shards(manifest: Path, out: Path) -> None:
+    """Fold per-process manifests into manifest.jsonl (deduplicated by query+index)."""
+    seen = {(r["query"].lower(), r["index"]) for r in read_jsonl(manifest)}
+    shards = sorted(out.glob("manifest.rank*.jsonl"))
+    with JsonlAppender(manifest) as app:
+        for p in shards:
+            for r in read_jsonl(p):
+                if (r["query"].lower(), r["index"]) not in seen:
+                    seen.add((r["query"].lower(), r["index"]))
+                    app.write(r)
+    for p in shards:
+        p.unlink()
+
+
+def write_grids(out: Path, query: str) -> list[Path]:
+    """One contact sheet per generated taxon of this query: out/grids/<taxon>.png."""
+    rows = [r for r in read_jsonl(out / "manifest.jsonl") if r.get("query", "").lower() == query.lower()]
+    by_taxon: dict[str, list[Path]] = {}
+    for r in sorted(rows, key=lambda r: r["index"]):
+        by_taxon.setdefault(r["taxon"], []).append(out / r["file"])
+    paths = []
+    for taxon, files in sorted(by_taxon.items()):
+        p = out / "grids" / f"{_slug(taxon)}.png"
+        _contact_sheet(files, taxon, p)
+        paths.append(p)
+    return paths

@@ -1,0 +1,83 @@
+"""Typed training config (YAML under configs/train/); every default gives a working run."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from synthgen.errors import ConfigError
+
+TrainPart = Literal["unet", "mlp", "new", "previous", "all"]
+
+
+class StageConfig(BaseModel):
+    """Per-stage overrides; unset fields fall back to the run-wide values."""
+
+    model_config = ConfigDict(extra="forbid")
+    steps: int | None = None
+    lr: float | None = None
+    train: list[TrainPart] | None = None
+
+
+class TrainConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    # "pixel" is the UNet2DModel on RGB chips; a latent backend plugs in here later.
+    backend: Literal["pixel"] = "pixel"
+    chips: Path | None = None  # chips folder with manifest.jsonl (or pass --chips)
+    split: str | None = "train"  # only this split trains the generator; test images stay out
+    image_size: int = 48
+    preset: str = "small"
+    mlp: bool = True
+
+    mode: Literal["progressive", "flat"] = "progressive"
+    steps_per_stage: int = 2000
+    stages: list[StageConfig] = []  # optional overrides, stage 1 first
+    train_parts: list[TrainPart] = ["unet", "mlp", "new"]  # default: earlier tables frozen
+    lr: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_steps: int = 100
+    batch_size: int = 32
+    grad_accum: int = 1
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+
+    p_uncond: float = 0.1
+    p_drop: float = 0.3
+    hflip: bool = True
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
+
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    log_every: int = 10
+    seed: int = 0
+    device: str = "auto"
+    threads: int | None = None  # CPU threads (leave cores to others on a shared machine)
+
+    @field_validator("p_uncond", "p_drop")
+    @classmethod
+    def _prob(cls, v: float) -> float:
+        if not 0.0 <= v <= 1.0:
+            raise ValueError("must be a probability in [0, 1]")
+        return v
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"{path}: train config not found")
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: invalid YAML: {e}") from e
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping at the top level")
+        data.update({k: v for k, v in overrides.items() if v is not None})
+        try:
+            return cls(**data)
+        except ValidationError as e:
+            raise ConfigError(f"{path}: {e}") from e

@@ -1,0 +1,58 @@
+"""Chips folder -> in-memory uint8 tensor + lineages (chips are small; this avoids loader overhead)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from synthgen.errors import SynthgenError
+
+
+@dataclass
+class ChipSet:
+    images: torch.Tensor  # uint8 [N, 3, S, S]
+    lineages: list[dict[str, str]]
+    taxa: list[str]
+    labels: list[str]
+    root: Path
+
+
+def load_chips(folder: str | Path, size: int, split: str | None = "train") -> ChipSet:
+    """Read a chips/pool folder (manifest.jsonl with file, taxon, lineage) resized to size x size."""
+    folder = Path(folder)
+    manifest = folder / "manifest.jsonl"
+    if not manifest.exists():
+        raise SynthgenError(f"{manifest}: not found; make chips with `synthgen data chips`")
+    imgs, lineages, taxa, labels = [], [], [], []
+    for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            file, taxon = row["file"], row.get("taxon") or row["label"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise SynthgenError(f"{manifest}:{i}: bad manifest row ({e})") from e
+        if split and row.get("split", split) != split:
+            continue
+        path = folder / file
+        try:
+            with Image.open(path) as im:
+                im = im.convert("RGB")
+                if im.size != (size, size):
+                    im = im.resize((size, size), Image.BICUBIC)
+                imgs.append(np.asarray(im))
+        except OSError as e:
+            raise SynthgenError(f"{manifest}:{i}: cannot read image {path} ({e})") from e
+        lineage = row.get("lineage") or {"taxon": taxon}
+        lineages.append({k: v for k, v in lineage.items() if v})
+        taxa.append(taxon)
+        labels.append(row.get("label", taxon))
+    if not imgs:
+        raise SynthgenError(f"{manifest}: no chips{f' in split {split!r}' if split else ''}")
+    images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()
+    return ChipSet(images, lineages, taxa, labels, folder)

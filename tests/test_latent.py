@@ -29,6 +29,15 @@ from synthgen.latent.tiny import build_tiny_sd
 from synthgen.latent.train import load_trained
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models: one thread beats two on a shared 2-core runner (no oversubscription spin)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> Path:
     return build_tiny_sd(tmp_path_factory.mktemp("sd") / "tiny-sd")
@@ -147,8 +156,8 @@ def test_training_resumes_after_kill(tiny_sd: Path, chips: Path, tmp_path: Path,
     cfg = _train_cfg(tiny_sd, steps_per_stage=[2, 2], checkpoint_every=1)
     real = latent_train._checkpoint
 
-    def killed_after_step_3(ckpt_dir, sd, conditioner, opt, step, stage, seconds):
-        real(ckpt_dir, sd, conditioner, opt, step, stage, seconds)
+    def killed_after_step_3(ckpt_dir, sd, conditioner, opt, step, stage, seconds, key):
+        real(ckpt_dir, sd, conditioner, opt, step, stage, seconds, key)
         if step == 3:
             raise KeyboardInterrupt
 
@@ -158,6 +167,8 @@ def test_training_resumes_after_kill(tiny_sd: Path, chips: Path, tmp_path: Path,
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     assert not (out / "latent_model.json").exists()
     monkeypatch.setattr(latent_train, "_checkpoint", real)
+    with pytest.raises(SynthgenError, match="another config"):
+        train_latent(cfg.model_copy(update={"lr": 1e-3}), chips, out, progress=False)
     res = train_latent(cfg, chips, out, progress=False)
     assert res.steps == 4
     assert [r["step"] for r in read_jsonl(out / "loss.jsonl")] == [1, 2, 3, 4]

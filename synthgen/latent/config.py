@@ -68,6 +68,7 @@ class LatentTrainConfig(_Base):
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
     local_files_only: bool = False
+    data: str | None = None  # chips folder or image folder; the CLI's --chips overrides it
     resolution: int = Field(512, ge=8)
     split: str = "train"
     levels: list[str] | None = None  # subset of the taxonomy levels to condition on (coarse to fine)
@@ -83,6 +84,7 @@ class LatentTrainConfig(_Base):
     hflip: bool = True
     seed: int = 0
     device: str = "auto"
+    threads: int | None = Field(None, ge=1)  # CPU threads (torch.set_num_threads); None = torch's default
     mixed_precision: Literal["bf16", "no"] = "bf16"  # bf16 on CUDA only
     gradient_checkpointing: bool = False
     xformers: bool = False  # SDPA is used by default; xformers only if installed and asked for
@@ -111,7 +113,7 @@ class GuidanceConfig(_Base):
 
     mode: Literal["none", "cfg", "taxonomic"] = "cfg"
     scale: float = 7.5
-    reference: str | None = None
+    reference: str | None = None  # a level name, "parent" (= None) or "root" (the coarsest level)
     cfg_scale: float = 5.0
     window: tuple[float, float] = (0.0, 1.0)
 
@@ -132,13 +134,25 @@ class LatentGenerateConfig(_Base):
 
     resolution: int | None = None  # default: the training resolution
     steps: int = Field(30, ge=1)
-    sampler: Literal["ddim", "dpm++", "euler", "euler_a", "pndm", "ddpm"] = "dpm++"
+    sampler: Literal["ddim", "dpm", "dpm++", "euler", "euler_a", "pndm", "ddpm"] = "dpm++"
     batch_size: int = Field(4, ge=1)
     seed: int = 0
     prompt: str | None = None  # dreambooth models: default is the training prompt
     device: str = "auto"
+    threads: int | None = Field(None, ge=1)
     mixed_precision: Literal["bf16", "no"] = "bf16"
     local_files_only: bool = False
+    xformers: bool = False
     base_model: str | None = None  # override where the base weights are (e.g. a local copy)
     guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
     cut: CutConfig = Field(default_factory=CutConfig)
+
+
+def config_backend(path: str | Path) -> str:
+    """The `backend` field of a train config ("pixel" when absent), so `synthgen train` can dispatch."""
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
+    except yaml.YAMLError:
+        return "pixel"  # let the backend's own loader report the YAML error with its line
+    return str(data.get("backend", "pixel")) if isinstance(data, dict) else "pixel"

@@ -24,12 +24,13 @@ from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
 from synthgen.latent.conditioning import ContextBuilder, TaxonomyConditioner, unet_kwargs
 from synthgen.latent.config import GuidanceConfig, LatentGenerateConfig
 from synthgen.latent.cutout import cut_instance
-from synthgen.latent.loading import SDComponents, load_sd
+from synthgen.latent.loading import SDComponents, enable_memory_savers, load_sd
 from synthgen.latent.train import MODEL_FILE, load_trained
 from synthgen.pipelines.generate import image_seed, resolve_targets
 
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
+    "dpm": "DPMSolverMultistepScheduler",
     "dpm++": "DPMSolverMultistepScheduler",
     "euler": "EulerDiscreteScheduler",
     "euler_a": "EulerAncestralDiscreteScheduler",
@@ -61,7 +62,9 @@ def make_scheduler(name: str, scheduler_config: dict):
 
 def reference_depth(lineage: dict[str, str], levels: list[str], reference: str | None) -> int:
     """How many levels the taxonomic-guidance reference keeps: up to `reference`, else the parent's."""
-    if reference:
+    if reference == "root":
+        return 1
+    if reference and reference != "parent":
         if reference not in levels:
             raise SynthgenError(f"guidance reference level {reference!r} is not one of the model's levels {levels}")
         return levels.index(reference) + 1
@@ -161,11 +164,14 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
     todo = [i for i in range(n) if i not in done]
     t0, written, n_cut = time.time(), 0, 0
     if todo:
+        if cfg.threads:
+            torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         bf16 = cfg.mixed_precision == "bf16" and device.type == "cuda"
         sd = sd or load_sd(cfg.base_model or meta["base_model"], meta.get("revision"), cfg.local_files_only)
         sd.to(device, torch.bfloat16 if bf16 else torch.float32)
         meta, conditioner = load_trained(model_dir, sd, device)
+        enable_memory_savers(sd.unet, False, cfg.xformers)
         if bf16:
             sd.unet.to(dtype=torch.bfloat16)
         ctxb = ContextBuilder(sd, meta["levels"], meta["rank_template"], meta["base_prompt"], device)
@@ -196,3 +202,8 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
                 bar.update(len(idx))
         bar.close()
     return LatentGenerateResult(out, written, len(done), n_cut, time.time() - t0)
+
+
+def is_latent_model(model_dir: str | Path) -> bool:
+    """True for a folder written by `train_latent` (so `synthgen generate` can dispatch)."""
+    return (Path(model_dir) / MODEL_FILE).is_file()

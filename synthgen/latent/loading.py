@@ -46,9 +46,10 @@ class SDComponents:
     def to(self, device: torch.device, frozen_dtype: torch.dtype = torch.float32) -> SDComponents:
         """Move to `device`; the frozen VAE / text encoders may be cast (bf16 on CUDA)."""
         self.unet.to(device)
-        self.vae.to(device, dtype=frozen_dtype)
-        for te in self.text_encoders:
-            te.to(device, dtype=frozen_dtype)
+        for m in (self.vae, *self.text_encoders):
+            m.to(device)
+            if m.dtype != frozen_dtype:
+                m.to(dtype=frozen_dtype)
         return self
 
 

@@ -105,7 +105,8 @@ def _loss(sd, noise_sched, latents, ctx, pooled, cfg, device, gen) -> torch.Tens
     noisy = noise_sched.add_noise(latents, noise, t)
     target = noise_sched.get_velocity(latents, noise, t) if noise_sched.config.prediction_type == "v_prediction" else noise
     h, w = latents.shape[-2] * sd.vae_scale, latents.shape[-1] * sd.vae_scale
-    pred = sd.unet(noisy, t, encoder_hidden_states=ctx, **unet_kwargs(sd, pooled, h, w, latents.shape[0], device)).sample
+    kw = unet_kwargs(sd, pooled, h, w, latents.shape[0], device)
+    pred = sd.unet(noisy.to(sd.unet.dtype), t, encoder_hidden_states=ctx.to(sd.unet.dtype), **kw).sample
     if cfg.snr_gamma is None:
         return torch.nn.functional.mse_loss(pred.float(), target.float())
     from diffusers.training_utils import compute_snr
@@ -177,6 +178,8 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
     stage_steps = _stage_steps(cfg, n_stages)
     total = sum(stage_steps)
 
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
     bf16 = cfg.mixed_precision == "bf16" and device.type == "cuda"
     torch.manual_seed(cfg.seed)
@@ -204,6 +207,9 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
     if state_json.is_file():
         state_meta = json.loads(state_json.read_text(encoding="utf-8"))
         start_step = state_meta["step"]
+        if state_meta.get("config") != _resume_key(cfg, data_dir):
+            raise SynthgenError(f"{state_json}: checkpoint of a run with another config or data; "
+                                "use a new output folder or delete the checkpoint folder to start over")
     log_path = out_dir / "loss.jsonl"
     kept = [r for r in read_jsonl(log_path) if r["step"] <= start_step]
     with atomic_write(log_path, "w", encoding="utf-8") as f:
@@ -258,11 +264,11 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
                 opt.step()
                 step += 1
                 last_loss = acc
-                log.write({"step": step, "stage": stage + 1, "loss": acc})
+                log.write({"step": step, "stage": stage + 1, "loss": acc, "seconds": round(time.time() - t0, 3)})
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc:.4f}")
                 if step % cfg.checkpoint_every == 0 and step < total:
-                    _checkpoint(ckpt_dir, sd, conditioner, opt, step, stage, time.time() - t0)
+                    _checkpoint(ckpt_dir, sd, conditioner, opt, step, stage, time.time() - t0, _resume_key(cfg, data_dir))
     bar.close()
 
     result = TrainResult(out_dir, step, last_loss, time.time() - t0)
@@ -286,12 +292,19 @@ def _load_trainable(sd: SDComponents, conditioner: TaxonomyConditioner | None, t
         conditioner.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("cond.")})
 
 
-def _checkpoint(ckpt_dir: Path, sd, conditioner, opt, step: int, stage: int, seconds: float) -> None:
+def _resume_key(cfg: LatentTrainConfig, data_dir: Path) -> dict:
+    """What must match for a checkpoint to be resumed (device and memory options may change)."""
+    skip = {"device", "threads", "data", "mixed_precision", "gradient_checkpointing", "xformers", "num_workers", "checkpoint_every"}
+    return {"data_dir": str(data_dir), **cfg.model_dump(mode="json", exclude=skip)}
+
+
+def _checkpoint(ckpt_dir: Path, sd, conditioner, opt, step: int, stage: int, seconds: float, key: dict) -> None:
     """Weights + optimizer first, then state.json (the commit point) - a kill in between is harmless."""
     tensors, opt_meta = optimizer_tensors(opt)
     tensors.update(_trainable_tensors(sd, conditioner))
     save_tensors(ckpt_dir / "state.safetensors", tensors)
-    write_json(ckpt_dir / "state.json", {"step": step, "stage": stage, "seconds": seconds, "optimizer": opt_meta})
+    write_json(ckpt_dir / "state.json", {"step": step, "stage": stage, "seconds": seconds, "optimizer": opt_meta,
+                                         "config": key})
 
 
 def _finalize(cfg, sd, conditioner, data_dir: Path, out_dir: Path, rows, levels, stage_steps, result) -> None:

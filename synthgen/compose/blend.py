@@ -119,7 +119,7 @@ def paste(tile: np.ndarray, fg: np.ndarray, alpha: np.ndarray, x: int, y: int, m
     a = blend_alpha(alpha, mode, cfg)
     fg = match_color(fg, alpha > 0.5, region, alpha <= 0.05, cfg.color_match)
     if cfg.shadow_p > 0 and rng.random() < cfg.shadow_p:
-        _shadow(region, a, cfg, rng)
+        _shadow(tile, a, x, y, cfg, rng)
     if mode == "poisson":
         m = (a > 0.5).astype(np.uint8) * 255
         th, tw = tile.shape[:2]
@@ -140,15 +140,22 @@ def paste(tile: np.ndarray, fg: np.ndarray, alpha: np.ndarray, x: int, y: int, m
     return a
 
 
-def _shadow(region: np.ndarray, a: np.ndarray, cfg: BlendConfig, rng: np.random.Generator) -> None:
-    """Darken the background under a blurred, offset copy of the alpha (soft cast shadow)."""
+def _shadow(tile: np.ndarray, a: np.ndarray, x: int, y: int, cfg: BlendConfig, rng: np.random.Generator) -> None:
+    """Darken the background under a blurred, offset copy of the alpha (soft cast shadow), on a
+    window grown by offset + 3 sigma so the shadow is never cut off at the patch edge."""
     h, w = a.shape
     off = cfg.shadow_offset * max(h, w)
+    sigma = max(off / 2, 1.0)
+    m = int(math.ceil(off + 3 * sigma))
+    th, tw = tile.shape[:2]
+    x0, y0, x1, y1 = max(x - m, 0), max(y - m, 0), min(x + w + m, tw), min(y + h + m, th)
+    canvas = np.zeros((y1 - y0, x1 - x0), np.float32)
+    canvas[y - y0:y - y0 + h, x - x0:x - x0 + w] = a
     ang = rng.uniform(0, 2 * math.pi)
-    m = np.float32([[1, 0, off * math.cos(ang)], [0, 1, off * math.sin(ang)]])
-    sh = cv2.warpAffine(a, m, (w, h), borderValue=0)
-    sh = cv2.GaussianBlur(sh, (0, 0), max(off / 2, 1.0)) * cfg.shadow_opacity
-    region[:] = (region.astype(np.float32) * (1 - sh[..., None])).astype(np.uint8)
+    shift = np.float32([[1, 0, off * math.cos(ang)], [0, 1, off * math.sin(ang)]])
+    sh = cv2.GaussianBlur(cv2.warpAffine(canvas, shift, canvas.shape[::-1], borderValue=0), (0, 0), sigma)
+    win = tile[y0:y1, x0:x1]
+    win[:] = (win.astype(np.float32) * (1 - cfg.shadow_opacity * sh[..., None]) + 0.5).astype(np.uint8)
 
 
 def build_tile_aug(cfg: TileAugConfig):

@@ -228,10 +228,14 @@ def test_cut_instance_finds_the_animal():
     yy, xx = np.mgrid[:64, :64]
     blob = ((yy - 30) ** 2 / 12**2 + (xx - 36) ** 2 / 8**2) <= 1
     img[blob] = (60, 40, 30)
-    cut = cut_instance(Image.fromarray(img), CutConfig(pad=0))
+    cut = cut_instance(Image.fromarray(img), CutConfig(context=0.15))
     assert cut.ok and cut.chip.mode == "RGBA"
     x0, y0, x1, y1 = cut.box
     assert abs(x0 - 28) <= 2 and abs(x1 - 45) <= 2 and abs(y0 - 18) <= 2 and abs(y1 - 43) <= 2
+    # square chip with 15% context per side around the instance (the `data chips` geometry)
+    assert cut.chip.size[0] == cut.chip.size[1] == round((y1 - y0) * 1.3)
+    cx0, cy0, _, _ = cut.chip_box
+    assert cx0 <= x0 and cy0 <= y0
     alpha = np.asarray(cut.chip)[..., 3]
     assert abs((alpha > 0).sum() - blob.sum()) < 0.15 * blob.sum()
     flat = cut_instance(Image.new("RGB", (32, 32), (128, 128, 128)), CutConfig())

@@ -125,7 +125,7 @@ class CutConfig(_Base):
     method: Literal["grabcut"] = "grabcut"
     margin: float = Field(0.05, ge=0, lt=0.5)  # fraction of the side left as background seed
     iterations: int = Field(5, ge=1)
-    pad: int = Field(4, ge=0)
+    context: float = Field(0.15, ge=0, le=1)  # chip context per side, fraction of max(w, h) (as `data chips --margin`)
     min_area: float = Field(0.01, ge=0, le=1)  # masks smaller (or > 1 - min_area) fall back to the full image
 
 

@@ -18,8 +18,9 @@ from synthgen.latent.config import CutConfig
 
 @dataclass
 class Cut:
-    chip: Image.Image  # RGBA, cropped to the instance (+ pad)
-    box: tuple[int, int, int, int]  # x0, y0, x1, y1 in the full frame
+    chip: Image.Image  # RGBA square around the instance; alpha = the mask
+    box: tuple[int, int, int, int]  # instance x0, y0, x1, y1 in the full frame
+    chip_box: tuple[int, int, int, int]  # the square chip's extent in the full frame
     area: float  # mask area / frame area
     ok: bool
 
@@ -43,17 +44,28 @@ def segment(rgb: np.ndarray, cfg: CutConfig) -> np.ndarray:
     return labels == biggest
 
 
+def square_around(box: tuple[int, int, int, int], context: float, w: int, h: int) -> tuple[int, int, int, int]:
+    """Square of side max(bw, bh) * (1 + 2 context) centred on `box`, shifted (then clipped) into the frame,
+    the geometry `synthgen data chips` uses, so the compositor's chip masking applies unchanged."""
+    x0, y0, x1, y1 = box
+    side = min(max(x1 - x0, y1 - y0) * (1 + 2 * context), w, h)
+    cx, cy = (x0 + x1) / 2, (y0 + y1) / 2
+    left = int(round(min(max(cx - side / 2, 0), w - side)))
+    top = int(round(min(max(cy - side / 2, 0), h - side)))
+    s = int(round(side))
+    return left, top, min(w, left + s), min(h, top + s)
+
+
 def cut_instance(image: Image.Image, cfg: CutConfig) -> Cut:
-    """RGBA chip of the largest foreground region, or the whole frame when segmentation fails."""
+    """RGBA chip around the largest foreground region, or the whole frame when segmentation fails."""
     rgb = np.asarray(image.convert("RGB"))
     h, w = rgb.shape[:2]
     mask = segment(rgb, cfg)
     area = float(mask.mean())
     if not (cfg.min_area <= area <= 1 - cfg.min_area):
-        return Cut(image.convert("RGBA"), (0, 0, w, h), area, False)
+        return Cut(image.convert("RGBA"), (0, 0, w, h), (0, 0, w, h), area, False)
     ys, xs = np.nonzero(mask)
-    x0, y0 = max(0, xs.min() - cfg.pad), max(0, ys.min() - cfg.pad)
-    x1, y1 = min(w, xs.max() + 1 + cfg.pad), min(h, ys.max() + 1 + cfg.pad)
-    alpha = (mask * 255).astype(np.uint8)
-    rgba = np.dstack([rgb, alpha])[y0:y1, x0:x1]
-    return Cut(Image.fromarray(rgba, "RGBA"), (int(x0), int(y0), int(x1), int(y1)), area, True)
+    box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
+    cx0, cy0, cx1, cy1 = square_around(box, cfg.context, w, h)
+    rgba = np.dstack([rgb, (mask * 255).astype(np.uint8)])[cy0:cy1, cx0:cx1]
+    return Cut(Image.fromarray(np.ascontiguousarray(rgba), "RGBA"), box, (cx0, cy0, cx1, cy1), area, True)

@@ -187,16 +187,18 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
                 for i, s, tg, img in zip(idx, seeds, chosen, imgs, strict=True):
                     full = f"{sub}/full/{sub}_{i:06d}.png"
                     atomic_save_image(img, out / full)
-                    row = {"file": full, "full_image": full, "box": [0, 0, resolution, resolution], "cut": False}
+                    row = {"file": full, "full_image": full, "box": [0, 0, resolution, resolution], "cut": False,
+                           "size": resolution, "resolution": resolution}
                     if cfg.cut.enabled:
                         c = cut_instance(img, cfg.cut)
                         if c.ok:
                             chip = f"{sub}/{sub}_{i:06d}.png"
                             atomic_save_image(c.chip, out / chip)
-                            row.update(file=chip, box=list(c.box), cut=True, mask_area=round(c.area, 4))
+                            row.update(file=chip, box=list(c.box), chip_box=list(c.chip_box), cut=True,
+                                       size=c.chip.size[0], mask_area=round(c.area, 4))
                             n_cut += 1
                     app.write({**row, "index": i, "query": taxon, "label": tg.label, "taxon": tg.taxon,
-                               "lineage": tg.lineage, "seed": s, "size": resolution, "backend": "latent",
+                               "lineage": tg.lineage, "seed": s, "backend": "latent",
                                "prompt": prompt, **settings})
                     written += 1
                 bar.update(len(idx))

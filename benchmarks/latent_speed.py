@@ -104,9 +104,9 @@ def main() -> None:
     write_json(path, rows)
     lines = ["# Latent backend speed", "",
              "Peak memory: CUDA max allocated, or on CPU the whole process's peak RSS.", "",
-             "| device | base model | px | batch | s/step | train peak MB | gen steps | images/s | gen peak MB |",
-             "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    lines += [f"| {r['device']} | {r['base_model']} | {r['resolution']} | {r['batch_size']} | {r['s_per_step']} | "
+             "| device | threads | base model | px | batch | s/step | train peak MB | gen steps | images/s | gen peak MB |",
+             "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['device']} | {r.get('threads', '-')} | {r['base_model']} | {r['resolution']} | {r['batch_size']} | {r['s_per_step']} | "
               f"{r['train_peak_mb']} | {r['gen_steps']} | {r['images_per_s']} | {r['gen_peak_mb']} |" for r in rows]
     with atomic_write(OUT / "latent_speed.md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")

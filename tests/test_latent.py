@@ -25,6 +25,7 @@ from synthgen.latent import (
 from synthgen.latent import train as latent_train
 from synthgen.latent.config import CutConfig
 from synthgen.latent.cutout import cut_instance
+from synthgen.latent.loading import enable_memory_savers
 from synthgen.latent.tiny import build_tiny_sd
 from synthgen.latent.train import load_trained
 
@@ -204,7 +205,8 @@ def test_dreambooth_lora_step_and_generation(seals: Path, tiny_sd: Path, tmp_pat
 def test_sdxl_family_train_and_generate(chips: Path, tmp_path: Path):
     sdxl = build_tiny_sd(tmp_path / "tiny-sdxl", family="sdxl")
     out = tmp_path / "xl"
-    train_latent(_train_cfg(sdxl, levels=["class"], steps_per_stage=1), chips, out, progress=False)
+    train_latent(_train_cfg(sdxl, levels=["class"], steps_per_stage=1, gradient_checkpointing=True), chips, out,
+                 progress=False)
     assert json.loads((out / "latent_model.json").read_text())["family"] == "sdxl"
     gen = generate_latent(out, "fish", 1, tmp_path / "pool",
                           LatentGenerateConfig(steps=1, batch_size=1, device="cpu"), progress=False)
@@ -220,6 +222,16 @@ def test_offline_and_bad_model_errors(tmp_path: Path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ModelLoadError, match="model_index.json"):
         load_sd(str(tmp_path / "empty"))
+
+
+def test_xformers_missing_is_a_clear_error(tiny_sd: Path):
+    try:
+        import xformers  # noqa: F401
+        pytest.skip("xformers installed: the memory-efficient path is available")
+    except ImportError:
+        pass
+    with pytest.raises(SynthgenError, match="xformers"):
+        enable_memory_savers(load_sd(str(tiny_sd)).unet, gradient_checkpointing=False, xformers=True)
 
 
 def test_cut_instance_finds_the_animal():

@@ -93,8 +93,9 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
     # changing an evaluation setting redoes the evaluations only: no data, generator or detector stage
     res3 = run_benchmark(_cfg(seals, configs, conf=0.5), "tiny", out, work, device="cpu", progress=False)
     assert res3["stages"]["ran"] == 5
-    # split, subset, chips, generator, generated, 2 composes, 5 detectors + synth_only reused by pretrain
-    assert res3["stages"]["cached"] == 13
+    # split, subset, chips (x2: copy-paste and synthgen share it), generator, generated, 2 composes,
+    # 5 detectors + synth_only reused by pretrain_finetune
+    assert res3["stages"]["cached"] == 14
     assert [r["map50"] for r in res3["runs"]] == [r["map50"] for r in runs]  # mAP does not use the threshold
 
 

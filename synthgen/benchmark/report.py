@@ -193,6 +193,8 @@ def write_report(results: dict, out: str | Path) -> Path:
           f"same for every arm; synthetic share of each batch {scale['synthetic_ratio']} (arms 2, 3).",
           f"- Metrics on the test set: COCO-style mAP50 / mAP50-95 (own evaluator), P/R/F1 at IoU 0.4 and "
           f"count error per image at score >= {scale['operating_conf']}.",
+          "- Generated instances go to the compositor unfiltered: the filter stage (BioCLIP/CLIP/judge "
+          "scores) is not wired into this pipeline yet.",
           f"- The hidden test splits of the dataset are the final judge; nothing was tuned on `{cfg['test_split']}`.",
           ""]
     if results.get("skipped_arms"):

@@ -202,6 +202,18 @@ def test_dreambooth_lora_step_and_generation(seals: Path, tiny_sd: Path, tmp_pat
     assert len(list(data.iterdir())) == 3  # the user's input folder is untouched
 
 
+def test_dreambooth_on_one_taxon_of_a_chips_folder(chips: Path, tiny_sd: Path, tmp_path: Path):
+    cfg = LatentTrainConfig.model_validate({
+        "method": "dreambooth", "base_model": str(tiny_sd), "resolution": 32, "batch_size": 2, "steps_per_stage": 1,
+        "device": "cpu", "dreambooth": {"prompt": "a photo of a penguin underwater", "taxon": "penguin"}})
+    train_latent(cfg, chips, tmp_path / "db", progress=False)
+    counts = json.loads((tmp_path / "db" / "taxon_counts.json").read_text())
+    assert list(counts) == ["Spheniscidae"] and counts["Spheniscidae"]["count"] == 3
+    with pytest.raises(SynthgenError, match="no rows"):
+        train_latent(cfg.model_copy(update={"dreambooth": cfg.dreambooth.model_copy(update={"taxon": "Megaptera"})}),
+                     chips, tmp_path / "db2", progress=False)
+
+
 def test_sdxl_family_train_and_generate(chips: Path, tmp_path: Path):
     sdxl = build_tiny_sd(tmp_path / "tiny-sdxl", family="sdxl")
     out = tmp_path / "xl"

@@ -479,5 +479,65 @@ def benchmark_cmd(
 
 
 
+# --- continual / transmute / branch points ---------------------------------------------------
+@app.command("transmute")
+def transmute_cmd(
+    model: Path = typer.Option(..., help="model folder (from `synthgen train`, or extended with --add-taxa)"),
+    from_image: Path = typer.Option(..., help="a real chip of the source animal"),
+    to_taxon: str = typer.Option(..., help="target taxon (scientific or common name, or dataset label)"),
+    out: Path = typer.Option(..., help="pool folder: <taxon>/*.png + manifest.jsonl"),
+    from_taxon: str | None = typer.Option(None, help="taxon of the source chip (looks up the pair's branch point)"),
+    n: int = typer.Option(1, help="number of variants (a rerun continues up to n)"),
+    method: str = typer.Option("inversion", help="inversion (DDIM, keeps the chip's layout) | noise (seeded)"),
+    strength: float | None = typer.Option(None, help="t/T to noise to; default: the branch point"),
+    steps: int = typer.Option(50, help="DDIM steps over the full schedule"),
+    guidance: str = typer.Option("taxonomic", help="taxonomic | cfg | none"),
+    scale: float = typer.Option(2.0),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+) -> None:
+    """Turn a real instance of one taxon into another taxon in the same pose and light."""
+    from pydantic import ValidationError
+
+    from synthgen.errors import SynthgenError
+    from synthgen.guidance import GuidanceConfig
+    from synthgen.transmute import TransmuteConfig, transmute
+
+    try:
+        cfg = TransmuteConfig(method=method, strength=strength, steps=steps, seed=seed, device=device,
+                              guidance=GuidanceConfig(mode=guidance, scale=scale))
+        rows = transmute(model, from_image, to_taxon, out, from_taxon=from_taxon, cfg=cfg, n=n)
+    except (SynthgenError, ValidationError) as e:
+        _fail(e)
+    console.print(f"{len(rows)} transmutation(s) to {rows[0]['taxon']} from t={rows[0]['t_start']} "
+                  f"({rows[0]['t_source']}) -> {out / 'manifest.jsonl'}")
+
+
+@app.command("branch-points")
+def branch_points_cmd(
+    model: Path = typer.Option(..., help="model folder; branch_points.json is written into it"),
+    chips: Path = typer.Option(..., help="chips folder (manifest.jsonl) of the taxa to compare"),
+    n_per_taxon: int = typer.Option(32, help="chips per taxon"),
+    grid: int = typer.Option(50, help="number of timesteps on the grid"),
+    tol: float = typer.Option(0.02, help="merged when between/within distance <= 1 + tol"),
+    split: str | None = typer.Option("train"),
+    seed: int = typer.Option(0),
+) -> None:
+    """When do forward-noised instances of two taxa become as alike as instances of one taxon?"""
+    import json
+
+    from synthgen.branching import branch_points
+    from synthgen.errors import SynthgenError
+
+    try:
+        path = branch_points(model, chips, n_per_taxon=n_per_taxon, grid=grid, tol=tol, split=split, seed=seed)
+    except SynthgenError as e:
+        _fail(e)
+    bp = json.loads(path.read_text(encoding="utf-8"))
+    for lv, v in bp["per_level"].items():
+        console.print(f"{lv:>10}: t={v['t']:4d} ({v['frac']:.2f} of T, {v['pairs']} pairs)")
+    console.print(f"{len(bp['pairs'])} pairs of {len(bp['taxa'])} taxa -> {path}")
+
+
 if __name__ == "__main__":
     app()

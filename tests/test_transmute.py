@@ -97,3 +97,24 @@ def test_errors_name_the_problem(world, tmp_path):
     bad.write_text("not an image")
     with pytest.raises(SynthgenError, match="bad.png"):
         transmute(world["model"], bad, "puffin", tmp_path / "o")
+
+
+def test_cli_branch_points_and_transmute(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    runner = CliRunner()
+    res = runner.invoke(app, ["branch-points", "--model", str(world["model"]), "--chips", str(world["chips"]),
+                              "--n-per-taxon", "4", "--grid", "10"])
+    assert res.exit_code == 0, res.output
+    assert "branch_points.json" in res.output and "phylum" in res.output
+    res = runner.invoke(app, ["transmute", "--model", str(world["model"]), "--from-image", str(world["image"]),
+                              "--to-taxon", "penguin", "--from-taxon", "fish", "--out", str(tmp_path / "o"),
+                              "--steps", "5", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    (row,) = read_jsonl(tmp_path / "o" / "manifest.jsonl")
+    assert row["taxon"] == "Spheniscidae" and row["t_source"] == "branch_points"
+    res = runner.invoke(app, ["transmute", "--model", str(world["model"]), "--from-image", str(world["image"]),
+                              "--to-taxon", "whale", "--out", str(tmp_path / "o")])
+    assert res.exit_code == 1 and "error" in res.output and "Traceback" not in res.output

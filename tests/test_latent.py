@@ -186,11 +186,13 @@ def test_dreambooth_lora_step_and_generation(seals: Path, tiny_sd: Path, tmp_pat
     cfg = LatentTrainConfig.model_validate({
         "method": "dreambooth", "base_model": str(tiny_sd), "resolution": 32, "batch_size": 2, "steps_per_stage": 1,
         "device": "cpu", "lora": {"rank": 4, "alpha": 4},
-        "dreambooth": {"prompt": "a drone photo of a harbor seal on ice", "taxon": "Phoca vitulina", "label": "seal"}})
+        "dreambooth": {"prompt": "a drone photo of a harbor seal on ice", "taxon": "Phoca vitulina", "label": "seal",
+                       "class_prompt": "a photo of a seal", "num_class_images": 2, "class_steps": 1}})
     model = tmp_path / "db"
     res = train_latent(cfg, data, model, progress=False)
     assert res.steps == 1 and np.isfinite(res.final_loss)
     assert not (model / "conditioner.safetensors").exists()
+    assert sorted(p.name for p in (model / "class_images").iterdir()) == ["class_00000.png", "class_00001.png"]
     assert "harbor seal" in (model / "model_card.md").read_text()
     gen = generate_latent(model, "seal", 1, tmp_path / "pool",
                           LatentGenerateConfig(steps=2, batch_size=1, device="cpu"), progress=False)

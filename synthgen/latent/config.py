@@ -58,6 +58,12 @@ class DreamBoothConfig(_Base):
     prompt: str = "a photo of an animal"
     taxon: str | None = None  # chips folder: train only this taxon; image folder: the taxon to record
     label: str | None = None
+    # prior preservation (DreamBooth): the base model's own images of the class keep the LoRA from
+    # forgetting what the class looks like in general; 0 class images switches it off
+    class_prompt: str | None = None
+    num_class_images: int = Field(0, ge=0)
+    prior_weight: float = Field(1.0, ge=0)
+    class_steps: int = Field(30, ge=1)
 
 
 class LatentTrainConfig(_Base):

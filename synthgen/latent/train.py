@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError, SynthgenError
-from synthgen.io_utils import JsonlAppender, atomic_write, read_jsonl, write_json
+from synthgen.io_utils import JsonlAppender, atomic_save_image, atomic_write, read_jsonl, write_json
 from synthgen.latent.conditioning import ContextBuilder, TaxonomyConditioner, unet_kwargs
 from synthgen.latent.config import LatentTrainConfig
 from synthgen.latent.data import ImageRows, load_rows, resolve_levels, taxa_table
@@ -185,6 +185,12 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
     torch.manual_seed(cfg.seed)
     sd = sd or load_sd(cfg.base_model, cfg.revision, cfg.local_files_only)
     sd.to(device, torch.bfloat16 if bf16 else torch.float32)
+    class_batches = None
+    if cfg.method == "dreambooth" and db.num_class_images:
+        class_rows = make_class_images(sd, cfg, out_dir / "class_images", device, bf16, progress)
+        class_batches = _endless(torch.utils.data.DataLoader(
+            ImageRows(out_dir / "class_images", class_rows, cfg.resolution, cfg.hflip), batch_size=cfg.batch_size,
+            shuffle=True, generator=torch.Generator().manual_seed(cfg.seed + 1)))
     conditioner = build_trainable(sd, cfg, levels, device, bf16)
     enable_memory_savers(sd.unet, cfg.gradient_checkpointing, cfg.xformers)
     sd.unet.train()
@@ -256,6 +262,13 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
                         else:
                             ctx, pooled = ctxb.prompt([db.prompt if d else "" for d in depths])
                         loss = _loss(sd, noise_sched, latents, ctx, pooled, cfg, device, gen) / cfg.grad_accum
+                        if class_batches is not None:
+                            xc, _ = next(class_batches)
+                            with torch.no_grad():
+                                lc = sd.vae.encode(xc.to(device, sd.vae.dtype)).latent_dist.sample().float()
+                            cctx, cpooled = ctxb.prompt([db.class_prompt] * len(xc))
+                            loss = loss + db.prior_weight * _loss(sd, noise_sched, lc * sd.vae.config.scaling_factor,
+                                                                  cctx, cpooled, cfg, device, gen) / cfg.grad_accum
                     loss.backward()
                     acc += float(loss.detach())
                 if not math.isfinite(acc):
@@ -275,6 +288,27 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
     _finalize(cfg, sd, conditioner, data_dir, out_dir, rows, levels, stage_steps, result)
     shutil.rmtree(ckpt_dir, ignore_errors=True)
     return result
+
+
+def make_class_images(sd: SDComponents, cfg: LatentTrainConfig, folder: Path, device: torch.device, bf16: bool,
+                      progress: bool) -> list[dict]:
+    """DreamBooth prior-preservation images from the base model (before the LoRA); resumable."""
+    from synthgen.latent.config import LatentGenerateConfig
+    from synthgen.latent.generate import sample
+
+    db = cfg.dreambooth
+    if not db.class_prompt:
+        raise ConfigError("dreambooth.num_class_images > 0 needs dreambooth.class_prompt (e.g. \"a photo of a seal\")")
+    ctxb = ContextBuilder(sd, [], cfg.conditioner.rank_template, cfg.conditioner.base_prompt, device)
+    gcfg = LatentGenerateConfig(steps=db.class_steps, sampler="dpm++", guidance={"mode": "cfg", "scale": 7.5})
+    todo = [i for i in range(db.num_class_images) if not (folder / f"class_{i:05d}.png").is_file()]
+    for start in tqdm(range(0, len(todo), cfg.batch_size), desc="class images", disable=not progress or not todo):
+        idx = todo[start: start + cfg.batch_size]
+        imgs = sample(sd, ctxb, None, {"levels": []}, [{}] * len(idx), db.class_prompt,
+                      [cfg.seed * 100003 + i for i in idx], gcfg, cfg.resolution, device, bf16)
+        for i, img in zip(idx, imgs, strict=True):
+            atomic_save_image(img, folder / f"class_{i:05d}.png")
+    return [{"file": f"class_{i:05d}.png"} for i in range(db.num_class_images)]
 
 
 def _trainable_tensors(sd: SDComponents, conditioner: TaxonomyConditioner | None) -> dict[str, torch.Tensor]:

@@ -176,7 +176,7 @@ def test_seals_augment_end_to_end(seals, seal_pool, configs, tmp_path):
     assert len(val) == 151 and all("/valid/" in v for v in val)
     real = set((out / "train_real.txt").read_text().split())
     assert all("/train/" in p for p in real) and not real & set(val)
-    assert {p["blend"] for p in prov} <= {"hard", "feather", "gaussian", "poisson"}
+    assert {p["blend"] for p in prov} <= {"hard", "feather", "gaussian", "poisson", "feather (poisson fallback)"}
     coco = json.loads((out / "annotations" / "instances_train_synthetic.json").read_text())
     assert len(coco["images"]) == 6 and sum(a["synthetic"] for a in coco["annotations"]) == r.n_pasted
     assert len(list((out / "previews").glob("*.png"))) == 2

@@ -111,9 +111,9 @@ def match_color(fg: np.ndarray, fg_mask: np.ndarray, bg: np.ndarray, bg_mask: np
 
 
 def paste(tile: np.ndarray, fg: np.ndarray, alpha: np.ndarray, x: int, y: int, mode: str, cfg: BlendConfig,
-          rng: np.random.Generator) -> np.ndarray:
+          rng: np.random.Generator) -> tuple[np.ndarray, str]:
     """Paste `fg` with `alpha` (patch coordinates) at (x, y) into `tile` in place; returns the alpha
-    that was pasted (patch size), from which the caller takes the label."""
+    that was pasted (patch size), from which the caller takes the label, and the mode really used."""
     ph, pw = alpha.shape
     region = tile[y:y + ph, x:x + pw]
     a = blend_alpha(alpha, mode, cfg)
@@ -131,13 +131,20 @@ def paste(tile: np.ndarray, fg: np.ndarray, alpha: np.ndarray, x: int, y: int, m
             try:
                 bgr = cv2.seamlessClone(np.ascontiguousarray(fg[..., ::-1]), np.ascontiguousarray(tile[..., ::-1]),
                                         m, (int(cx), int(cy)), cv2.NORMAL_CLONE)
-                tile[y:y + ph, x:x + pw] = np.where(m[..., None] > 0, bgr[y:y + ph, x:x + pw, ::-1], region)
-                return a
+                cloned = bgr[y:y + ph, x:x + pw, ::-1]
+                # seamlessClone can wash an instance into the background; then the label would sit on
+                # nothing, so keep the clone only if the instance kept most of its own look
+                shift = np.abs(cloned.astype(np.int16) - fg.astype(np.int16))[m > 0].mean()
+                if shift <= cfg.poisson_max_shift:
+                    tile[y:y + ph, x:x + pw] = np.where(m[..., None] > 0, cloned, region)
+                    return a, mode
             except cv2.error:
-                pass  # falls through to a hard paste of the same alpha
+                pass
+        a = blend_alpha(alpha, "feather", cfg)  # Poisson impossible or too destructive: feather instead
+        mode = "feather (poisson fallback)"
     af = a[..., None]
     region[:] = (fg.astype(np.float32) * af + region.astype(np.float32) * (1 - af) + 0.5).astype(np.uint8)
-    return a
+    return a, mode
 
 
 def _shadow(tile: np.ndarray, a: np.ndarray, x: int, y: int, cfg: BlendConfig, rng: np.random.Generator) -> None:

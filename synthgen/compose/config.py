@@ -60,6 +60,8 @@ class BlendConfig(_Strict):
     mix: dict[Literal["hard", "feather", "gaussian", "poisson"], float] = Field(
         default_factory=lambda: {"hard": 0.2, "feather": 0.4, "gaussian": 0.35, "poisson": 0.05})
     feather_px: float = Field(3.0, ge=0.0)
+    poisson_max_shift: float = Field(30.0, ge=0.0, description="mean |RGB change| above which a Poisson "
+                                     "paste falls back to feathering (the clone washed the animal out)")
     gaussian_sigma: float = Field(1.2, ge=0.0)
     color_match: float = Field(0.35, ge=0.0, le=1.0, description="0 = none, 1 = full Lab mean/std match")
     shadow_p: float = Field(0.0, ge=0.0, le=1.0)

@@ -259,7 +259,7 @@ def compose_tile(job: dict) -> dict:
             continue
         x, y = pos
         mode = str(rng.choice(names, p=weights / weights.sum()))
-        used = paste(tile, fg, a, x, y, mode, cfg.blend, rng)
+        used, mode = paste(tile, fg, a, x, y, mode, cfg.blend, rng)
         ys, xs = np.nonzero(used > 0.5)
         if not len(ys):
             skipped += 1

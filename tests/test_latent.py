@@ -18,7 +18,9 @@ from synthgen.latent import (
     LatentGenerateConfig,
     LatentTrainConfig,
     ModelLoadError,
+    config_backend,
     generate_latent,
+    is_latent_model,
     load_sd,
     train_latent,
 )
@@ -119,6 +121,7 @@ def test_lora_safetensors_roundtrip(trained: Path, tiny_sd: Path):
 
 
 def test_generate_manifest_and_resume(trained: Path, tmp_path: Path):
+    assert is_latent_model(trained) and not is_latent_model(tmp_path)
     out = tmp_path / "pool"
     cfg = LatentGenerateConfig(steps=2, sampler="ddim", batch_size=2, device="cpu",
                                guidance={"mode": "taxonomic", "scale": 3.0, "cfg_scale": 2.0})
@@ -279,5 +282,7 @@ def test_configs_and_errors(configs: Path, tmp_path: Path, chips: Path):
     bad.write_text("lora:\n  rank: 0\n")
     with pytest.raises(SynthgenError, match="bad.yaml"):
         LatentTrainConfig.from_yaml(bad)
+    assert config_backend(configs / "latent" / "sd15-taxonomy.yaml") == "latent"
+    assert config_backend(bad) == "pixel"  # no backend field: the pixel default
     with pytest.raises(SynthgenError, match="inside the training data"):
         train_latent(LatentTrainConfig(), chips, chips / "model")

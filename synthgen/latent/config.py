@@ -73,6 +73,7 @@ class LatentTrainConfig(_Base):
     method: Literal["taxonomy", "dreambooth"] = "taxonomy"
     base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     revision: str | None = None
+    variant: str | None = None  # e.g. "fp16": the hub's half-size weight files (loaded, then cast as needed)
     local_files_only: bool = False
     data: str | None = None  # chips folder or image folder; the CLI's --chips overrides it
     resolution: int = Field(512, ge=8)

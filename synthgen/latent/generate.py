@@ -168,7 +168,8 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
             torch.set_num_threads(cfg.threads)
         device = resolve_device(cfg.device)
         bf16 = cfg.mixed_precision == "bf16" and device.type == "cuda"
-        sd = sd or load_sd(cfg.base_model or meta["base_model"], meta.get("revision"), cfg.local_files_only)
+        sd = sd or load_sd(cfg.base_model or meta["base_model"], meta.get("revision"), cfg.local_files_only,
+                           meta.get("variant"))
         sd.to(device, torch.bfloat16 if bf16 else torch.float32)
         meta, conditioner = load_trained(model_dir, sd, device)
         enable_memory_savers(sd.unet, False, cfg.xformers)

@@ -99,7 +99,8 @@ def load_model_index(ref: str, revision: str | None = None, local_files_only: bo
     return json.loads(Path(path).read_text(encoding="utf-8"))
 
 
-def load_sd(ref: str, revision: str | None = None, local_files_only: bool = False) -> SDComponents:
+def load_sd(ref: str, revision: str | None = None, local_files_only: bool = False,
+            variant: str | None = None) -> SDComponents:
     """Load UNet, VAE, tokenizer(s), text encoder(s) and the scheduler config; all frozen."""
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
@@ -108,14 +109,15 @@ def load_sd(ref: str, revision: str | None = None, local_files_only: bool = Fals
     family = detect_family(index)
     src = str(Path(ref).expanduser()) if _is_local(ref) else ref
     kw = {"revision": revision, "local_files_only": local_files_only or _is_local(ref)}
+    wkw = {**kw, "variant": variant} if variant else kw  # weights only: tokenizers have no variants
     try:
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **kw)
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet", **wkw).float()
+        vae = AutoencoderKL.from_pretrained(src, subfolder="vae", **wkw).float()
         tokenizers = [CLIPTokenizer.from_pretrained(src, subfolder="tokenizer", **kw)]
-        text_encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **kw)]
+        text_encoders = [CLIPTextModel.from_pretrained(src, subfolder="text_encoder", **wkw).float()]
         if family == "sdxl":
             tokenizers.append(CLIPTokenizer.from_pretrained(src, subfolder="tokenizer_2", **kw))
-            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **kw))
+            text_encoders.append(CLIPTextModelWithProjection.from_pretrained(src, subfolder="text_encoder_2", **wkw).float())
         scheduler_config = dict(DDPMScheduler.load_config(src, subfolder="scheduler", **kw))
     except (OSError, ValueError) as e:
         if _is_local(ref):

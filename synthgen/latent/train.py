@@ -183,7 +183,7 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
     device = resolve_device(cfg.device)
     bf16 = cfg.mixed_precision == "bf16" and device.type == "cuda"
     torch.manual_seed(cfg.seed)
-    sd = sd or load_sd(cfg.base_model, cfg.revision, cfg.local_files_only)
+    sd = sd or load_sd(cfg.base_model, cfg.revision, cfg.local_files_only, cfg.variant)
     sd.to(device, torch.bfloat16 if bf16 else torch.float32)
     class_batches = None
     if cfg.method == "dreambooth" and db.num_class_images:
@@ -364,7 +364,7 @@ def _finalize(cfg, sd, conditioner, data_dir: Path, out_dir: Path, rows, levels,
         yaml.safe_dump(cfg.model_dump(mode="json"), f, sort_keys=False)
     _plot_loss(read_jsonl(out_dir / "loss.jsonl"), out_dir / "loss.png", stage_steps)
     meta = {
-        "backend": "latent", "method": cfg.method, "base_model": cfg.base_model, "revision": cfg.revision,
+        "backend": "latent", "method": cfg.method, "base_model": cfg.base_model, "revision": cfg.revision, "variant": cfg.variant,
         "family": sd.family, "resolution": cfg.resolution, "levels": levels,
         "rank_template": cfg.conditioner.rank_template, "base_prompt": cfg.conditioner.base_prompt,
         "prompt": cfg.dreambooth.prompt if cfg.method == "dreambooth" else None,

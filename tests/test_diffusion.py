@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image
 from safetensors.torch import load_file
 
 from synthgen.errors import SynthgenError
@@ -24,38 +23,17 @@ from synthgen.train import TrainConfig, drop_conditions, load_chips, plan_stages
 REPO = Path(__file__).resolve().parents[1]
 
 
-def make_chips(aquarium: Path, out: Path, labels=("fish", "penguin", "puffin"), per_label: int = 6, size: int = 32) -> Path:
-    """A small chips folder (ARCHITECTURE.md layout) cut from real aquarium train boxes."""
-    with open(REPO / "configs/taxonomy/aquarium.csv", encoding="utf-8") as f:
-        rows = list(csv.DictReader(line for line in f if not line.startswith("#")))
-    levels = ["kingdom", "phylum", "class", "clade", "order", "family", "genus", "species"]
-    lineage = {r["label"]: {lv: r[lv] for lv in levels if r[lv]} for r in rows}
-    names = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
-    got = {lb: 0 for lb in labels}
-    manifest = []
-    for lbl in sorted((aquarium / "train" / "labels").glob("*.txt")):
-        img_path = aquarium / "train" / "images" / (lbl.stem + ".jpg")
-        if not img_path.exists():
-            continue
-        for k, line in enumerate(lbl.read_text().splitlines()):
-            c, cx, cy, w, h = line.split()[:5]
-            label = names[int(c)]
-            if label not in got or got[label] >= per_label:
-                continue
-            with Image.open(img_path) as im:
-                W, H = im.size
-                s = max(float(w) * W, float(h) * H, 8)
-                x0, y0 = float(cx) * W - s / 2, float(cy) * H - s / 2
-                chip = im.convert("RGB").crop((int(x0), int(y0), int(x0 + s), int(y0 + s))).resize((size, size))
-            rel = f"train/{label}/{lbl.stem[:20]}_{k}.png"
-            (out / rel).parent.mkdir(parents=True, exist_ok=True)
-            chip.save(out / rel)
-            taxon = list(lineage[label].values())[-1]
-            manifest.append({"file": rel, "label": label, "taxon": taxon, "lineage": lineage[label], "split": "train", "size": size})
-            got[label] += 1
-        if all(v >= per_label for v in got.values()):
-            break
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in manifest))
+def make_chips(aquarium: Path, out: Path, labels=("fish", "penguin", "puffin", "stingray"), per_label: int = 6,
+               size: int = 32) -> Path:
+    """A small real chips folder (detection.chips) of a few aquarium train labels, with taxonomy.json."""
+    from detection import read_dataset
+    from detection.chips import ChipConfig
+    from detection.chips import make_chips as cut
+
+    ds = read_dataset(aquarium, splits=["train"])
+    ds.boxes = ds.boxes[ds.boxes.label.isin(labels)]
+    cut(ds, out, ChipConfig(size=size, max_per_class=per_label), taxonomy=REPO / "configs/taxonomy/aquarium.csv",
+        split="train", progress=False)
     return out
 
 
@@ -150,7 +128,7 @@ def test_progressive_training_freezes_and_saves(chips, tmp_path):
                  "losses.csv", "scheduler/scheduler_config.json", "synthgen_model.json"]:
         assert (out / name).exists(), name
     counts = json.loads((out / "taxon_counts.json").read_text())
-    assert {c["label"] for c in counts.values()} == {"fish", "penguin", "puffin"}
+    assert {c["label"] for c in counts.values()} == {"fish", "penguin", "puffin", "stingray"}
     assert sum(c["count"] for c in counts.values()) == len(data.taxa)
     losses = list(csv.DictReader(open(out / "losses.csv")))
     assert len(losses) == res.steps and {int(r["stage"]) for r in losses} == set(range(len(stages)))

@@ -67,6 +67,6 @@ def test_fraction_draws_whole_groups(seal_train):
 def test_benchmark_configs_load(configs):
     for name in ("glacierbay-seals", "aquarium"):
         cfg = BenchmarkConfig.from_yaml(configs / "benchmarks" / f"{name}.yaml")
-        assert set(cfg.scales) == {"cpu", "gpu"} and cfg.arms[0] == "real"
+        assert {"cpu", "gpu"} <= set(cfg.scales) and cfg.arms[0] == "real"
         assert min(len(s.seeds) for s in cfg.scales.values()) >= 3
         assert 0.1 in cfg.scale("cpu").fractions

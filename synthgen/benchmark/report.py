@@ -47,7 +47,8 @@ def verdict(results: dict, runs: pd.DataFrame, diffs: pd.DataFrame) -> list[str]
     f = min(fracs, key=lambda x: abs(x - goal_f)) if fracs else goal_f
     d = diffs[(diffs.fraction == f)].set_index("arm") if len(diffs) else pd.DataFrame()
     if "synthgen" in skipped or "synthgen" not in d.index:
-        why = skipped.get("synthgen", "no runs of the synthgen arm")
+        why = skipped.get("synthgen") or (
+            f"this run's arms are {', '.join(cfg['arms'])}" if "synthgen" not in cfg["arms"] else "no runs finished")
         lines.append(f"**Not answered:** the real + synthgen arm was not run ({why}). "
                      "Only the arms below were measured; no claim about synthetic data is made.")
     else:

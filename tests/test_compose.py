@@ -318,3 +318,16 @@ def test_cli_augment_dataset_and_its_error_message(geo, tmp_path):
     res = CliRunner().invoke(app, ["augment-dataset", str(geo / "OSBS_029.tif"), "--pool", str(pool), "--out",
                                    str(tmp_path / "o2"), "--config", str(bad)])
     assert res.exit_code == 1 and "bad.yaml" in res.output and "Traceback" not in res.output
+
+
+def test_image_list_restricts_backgrounds_and_real_list(seals, seal_pool, tmp_path):
+    """The benchmark passes its cell's training list: only those tiles are backgrounds and real images."""
+    imgs = sorted((seals / "train" / "images").glob("*.jpg"))[:3]
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"{p}\n" for p in imgs))
+    out = tmp_path / "out"
+    r = augment_dataset(seals / "data.yaml", seal_pool, out, image_list=lst, seed=1)
+    assert r.n_tiles == 3
+    assert (out / "train_real.txt").read_text().split() == [str(p) for p in imgs]
+    assert {Path(x).name.split("__syn")[0] for x in (out / "train_synthetic.txt").read_text().split()} == {
+        p.stem for p in imgs}

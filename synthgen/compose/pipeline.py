@@ -338,12 +338,19 @@ def _write_geotiff(tile: np.ndarray, profile: dict, path: Path) -> None:
 
 
 # --- driver ---------------------------------------------------------------------------------------
+def _listed(image_list: str | Path) -> set[str]:
+    """Real paths of an image list file (links and relative paths resolve to the same file)."""
+    p = Path(image_list)
+    if not p.is_file():
+        raise SynthgenError(f"{p}: image list not found")
+    return {os.path.realpath(p.parent / x.strip()) for x in p.read_text(encoding="utf-8").splitlines() if x.strip()}
+
+
 def _jobs(ds, cfg: ComposeConfig, image_list: Path | None, n_images: int | None) -> list[dict]:
     im = ds.images[ds.images.split.isin(cfg.background_splits)]
     if image_list is not None:
-        wanted = {os.path.normpath(os.path.abspath(line.strip()))
-                  for line in Path(image_list).read_text().splitlines() if line.strip()}
-        im = im[im.image_path.map(lambda p: os.path.normpath(p) in wanted)]
+        wanted = _listed(image_list)
+        im = im[im.image_path.map(lambda p: os.path.realpath(p) in wanted)]
     if im.empty:
         raise SynthgenError(f"{ds.root}: no background tiles in splits {cfg.background_splits}"
                             + (f" listed in {image_list}" if image_list else ""))
@@ -461,9 +468,8 @@ def _finalize(out: Path, ds, rows: list[dict], names: list[str], cfg: ComposeCon
     synth = [str(out / r["output"]) for r in rows]
     real = ds.images[ds.images.split.isin(cfg.background_splits)].image_path.tolist()
     if image_list:
-        wanted = {os.path.normpath(os.path.abspath(x.strip())) for x in Path(image_list).read_text().splitlines()
-                  if x.strip()}
-        real = [p for p in real if os.path.normpath(p) in wanted]
+        wanted = _listed(image_list)
+        real = [p for p in real if os.path.realpath(p) in wanted]
     lists = {"train_real": sorted(real), "train_synthetic": synth}
     for split in ("val", "test"):
         imgs = ds.images[ds.images.split == split].image_path.tolist()

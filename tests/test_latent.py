@@ -286,3 +286,23 @@ def test_configs_and_errors(configs: Path, tmp_path: Path, chips: Path):
     assert config_backend(bad) == "pixel"  # no backend field: the pixel default
     with pytest.raises(SynthgenError, match="inside the training data"):
         train_latent(LatentTrainConfig(), chips, chips / "model")
+
+
+def test_guidance_arithmetic_and_reference_levels():
+    from synthgen.latent.config import GuidanceConfig
+    from synthgen.latent.generate import combine, reference_depth
+
+    eps = {"cond": torch.full((1,), 3.0), "uncond": torch.full((1,), 1.0), "ref": torch.full((1,), 2.0)}
+    assert combine(eps, GuidanceConfig(mode="cfg", scale=2.0), True).item() == 1 + 2 * (3 - 1)
+    tax = GuidanceConfig(mode="taxonomic", scale=4.0, cfg_scale=1.5)
+    assert combine(eps, tax, True).item() == 1 + 1.5 * (2 - 1) + 4 * (3 - 2)
+    assert combine(eps, tax, False).item() == 3.0  # outside the window: the plain conditional
+    assert combine(eps, GuidanceConfig(mode="none"), True).item() == 3.0
+    levels = ["kingdom", "phylum", "class", "order", "family"]
+    penguin = {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "family": "Spheniscidae"}
+    assert reference_depth(penguin, levels, None) == 3  # parent: up to class (order is absent)
+    assert reference_depth(penguin, levels, "parent") == 3
+    assert reference_depth(penguin, levels, "root") == 1
+    assert reference_depth(penguin, levels, "phylum") == 2
+    with pytest.raises(SynthgenError, match="not one of the model's levels"):
+        reference_depth(penguin, levels, "genus")

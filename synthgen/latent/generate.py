@@ -69,7 +69,7 @@ def reference_depth(lineage: dict[str, str], levels: list[str], reference: str |
             raise SynthgenError(f"guidance reference level {reference!r} is not one of the model's levels {levels}")
         return levels.index(reference) + 1
     present = [i for i, lv in enumerate(levels) if lineage.get(lv)]
-    return present[-1] if present else 0
+    return present[-2] + 1 if len(present) > 1 else 0  # up to the parent's level; top-level taxa: unconditional
 
 
 def combine(eps: dict[str, torch.Tensor], g: GuidanceConfig, in_window: bool) -> torch.Tensor:

@@ -120,20 +120,20 @@ def _write_manifest(path: Path, rows: list[dict]) -> None:
 
 def decide(rows: list[dict], scores: dict[str, dict], emb: np.ndarray, key: str, cfg: FilterConfig,
            thresholds: dict[str, float], train_emb: np.ndarray | None = None) -> list[str | None]:
-    """Per row, None (kept) or the reject reason. Order: score threshold, near copy of a training chip,
-    near duplicate of a better-scoring kept chip of the same taxon, then top-k per taxon."""
+    """Per row, None (kept) or the reject reason. Order: near copy of a training chip (memorised, whatever
+    its score), score threshold, near duplicate of a better-scoring kept chip of the same taxon, top-k."""
     n = len(rows)
     s = np.array([scores[r["file"]].get(key, np.nan) for r in rows], dtype=np.float64)
     reason: list[str | None] = [None] * n
-    if cfg.mode != "topk":
-        for i, r in enumerate(rows):
-            if not s[i] >= thresholds.get(r["taxon"], cfg.threshold):
-                reason[i] = "low_score"
     e = normalize(emb) if n else emb
     if cfg.copy_cosine is not None and train_emb is not None and len(train_emb) and n:
         nearest = (e @ normalize(train_emb).T).max(1)
         for i in np.flatnonzero(nearest > cfg.copy_cosine):
-            reason[i] = reason[i] or "near_copy"
+            reason[i] = "near_copy"
+    if cfg.mode != "topk":
+        for i, r in enumerate(rows):
+            if reason[i] is None and not s[i] >= thresholds.get(r["taxon"], cfg.threshold):
+                reason[i] = "low_score"
     order = np.argsort(-np.nan_to_num(s, nan=-np.inf), kind="stable")
     kept_by_taxon: dict[str, list[int]] = {}
     for i in order:

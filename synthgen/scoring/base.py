@@ -227,16 +227,24 @@ class Scorer(ABC):
         self.centroids = {t: normalize(e[taxa == t].mean(0, keepdims=True))[0] for t in sorted(set(taxa.tolist()))}
 
     def intended_probs(self, probs: dict[str, np.ndarray], taxa: Sequence[str]) -> dict[str, np.ndarray]:
-        """p(intended taxon at its own level) as `p_taxon`, and `p_<level>` along its lineage."""
+        """`p_<level>` along the intended lineage, and `p_taxon` = their minimum: the intended taxon is
+        no more likely than any of its ancestors. For zero-shot leaf sums this is the probability at the
+        taxon's own level; for per-level heads it stops a single-name level (always 1) from passing a
+        chip whose phylum is wrong."""
         n = len(taxa)
         per_level = {lv: np.full(n, np.nan, dtype=np.float32) for lv in self.space.levels}
-        p_taxon = np.zeros(n, dtype=np.float32)
         for i, t in enumerate(taxa):
             for lv, c in zip(self.space.levels, self.space.encode(t), strict=True):
                 if c:
                     per_level[lv][i] = probs[lv][i, c]
-            p_taxon[i] = per_level[self.space.level_of(t)][i]
-        return {"p_taxon": p_taxon} | {f"p_{lv}": v for lv, v in per_level.items()}
+        p_taxon = np.nanmin(np.stack(list(per_level.values()), 1), axis=1) if n else np.zeros(0, np.float32)
+        return {"p_taxon": p_taxon.astype(np.float32)} | {f"p_{lv}": v for lv, v in per_level.items()}
+
+    def taxon_correct(self, probs: dict[str, np.ndarray], taxa: Sequence[str]) -> np.ndarray:
+        """Per chip, whether the prediction matches the intended lineage at every level it names."""
+        pred = self.predict(probs)
+        return np.array([all(pred[lv][i] == name for lv, name in self.space.lineage(t).items())
+                         for i, t in enumerate(taxa)], dtype=bool)
 
     def predict(self, probs: dict[str, np.ndarray]) -> dict[str, list[str]]:
         """Per level, the most probable name (the "none" column excluded)."""

@@ -172,8 +172,8 @@ def _load_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer) -> None:
 @torch.no_grad()
 def evaluate_judge(net: JudgeNet, space: TaxonSpace, x: torch.Tensor, codes: torch.Tensor,
                    taxa: Sequence[str], device: torch.device, batch_size: int = 256) -> dict:
-    """Per-level accuracy (over chips that have a name at that level), accuracy at each chip's own
-    level, and the same per taxon."""
+    """Per-level accuracy (over chips that have a name at that level), taxon accuracy (every level of
+    the chip's lineage right), and the latter per taxon."""
     net.eval()
     preds = [[] for _ in space.levels]
     for i in range(0, len(x), batch_size):
@@ -187,8 +187,8 @@ def evaluate_judge(net: JudgeNet, space: TaxonSpace, x: torch.Tensor, codes: tor
         m = codes[:, j] > 0
         per_level[lv] = {"accuracy": float((pred[m, j] == codes[m, j]).float().mean()) if m.any() else None,
                          "n": int(m.sum())}
-    own = torch.tensor([space.levels.index(space.level_of(t)) for t in taxa], dtype=torch.long)
-    own_ok = pred.gather(1, own[:, None])[:, 0] == codes.gather(1, own[:, None])[:, 0]
+    levels = torch.tensor([[c > 0 for c in space.encode(t)] for t in taxa], dtype=torch.bool).view(len(taxa), -1)
+    own_ok = ((pred == codes) | ~levels).all(1)  # the whole intended lineage predicted
     per_taxon = {}
     taxa_arr = np.asarray(taxa)
     for t in space.taxa:
@@ -277,6 +277,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
             history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
             _save_state(state_path, net, opt, {"epoch": epoch + 1, "config": cfg.model_dump(), "history": history})
             bar.update(task, advance=1, description=f"training judge (loss {total / steps_per_epoch:.3f})")
+            bar.console.log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / steps_per_epoch:.4f}")
 
     metrics = {
         "val_split": vsplit,

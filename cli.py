@@ -382,7 +382,7 @@ def augment_dataset_cmd(
     pool: list[Path] = typer.Option(..., "--pool", help="instance pool folder(s) with manifest.jsonl (repeatable)"),
     out: Path = typer.Option(..., help="new output dataset folder (the input is never modified)"),
     config: Path | None = typer.Option(None, help="compose YAML, e.g. configs/compose/glacierbay-seals.yaml"),
-    n_images: int | None = typer.Option(None, help="compose only this many tiles (seeded sample)"),
+    n_images: int | None = typer.Option(None, help="synthetic images to make (seeded tile sample; extra copies if needed)"),
     image_list: Path | None = typer.Option(None, help="text file of background image paths to use"),
     seed: int | None = typer.Option(None, help="overrides the config's seed"),
     workers: int = typer.Option(1, help="processes over tiles (results do not depend on it)"),

@@ -356,6 +356,8 @@ def _jobs(ds, cfg: ComposeConfig, image_list: Path | None, n_images: int | None)
                             + (f" listed in {image_list}" if image_list else ""))
     names = ds.names
     by_img = {k: g for k, g in ds.boxes.groupby("image_path")} if len(ds.boxes) else {}
+    # n_images larger than the tiles x copies: make more copies per tile (each with its own seed)
+    copies = max(cfg.copies_per_tile, math.ceil(n_images / len(im)) if n_images else 0)
     jobs, seen = [], set()
     for r in im.sort_values("image_path").itertuples():
         g = by_img.get(r.image_path)
@@ -366,7 +368,7 @@ def _jobs(ds, cfg: ComposeConfig, image_list: Path | None, n_images: int | None)
                 boxes.append([float(b.xmin), float(b.ymin), float(b.xmax), float(b.ymax), names.index(b.label), obb])
         src = Path(r.image_path)
         ext = ".tif" if src.suffix.lower() in RASTER_EXT else ".jpg"
-        for k in range(cfg.copies_per_tile):
+        for k in range(copies):
             stem = f"{src.stem}__syn{k}"
             if stem in seen:
                 stem = f"{src.stem}_{hashlib.sha1(str(src).encode()).hexdigest()[:6]}__syn{k}"

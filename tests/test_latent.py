@@ -284,6 +284,8 @@ def test_configs_and_errors(configs: Path, tmp_path: Path, chips: Path):
         LatentTrainConfig.from_yaml(bad)
     assert config_backend(configs / "latent" / "sd15-taxonomy.yaml") == "latent"
     assert config_backend(bad) == "pixel"  # no backend field: the pixel default
+    with pytest.raises(SynthgenError, match="--chips"):
+        train_latent(LatentTrainConfig(), None, tmp_path / "m")
     with pytest.raises(SynthgenError, match="inside the training data"):
         train_latent(LatentTrainConfig(), chips, chips / "model")
 

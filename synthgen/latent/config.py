@@ -75,7 +75,7 @@ class LatentTrainConfig(_Base):
     revision: str | None = None
     variant: str | None = None  # e.g. "fp16": the hub's half-size weight files (loaded, then cast as needed)
     local_files_only: bool = False
-    data: str | None = None  # chips folder or image folder; the CLI's --chips overrides it
+    chips: str | None = None  # chips folder (or, for dreambooth, an image folder); the CLI's --chips overrides it
     resolution: int = Field(512, ge=8)
     split: str = "train"
     levels: list[str] | None = None  # subset of the taxonomy levels to condition on (coarse to fine)

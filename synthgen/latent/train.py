@@ -158,11 +158,17 @@ Generate: `synthgen generate --model THIS_FOLDER --taxon NAME --n 100 --out POOL
 """
 
 
-def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | Path, out_dir: str | Path,
+def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | Path | None, out_dir: str | Path,
                  *, sd: SDComponents | None = None, progress: bool = True) -> TrainResult:
-    """Train a LoRA (+ per-rank modules) and write the model folder; resumes from OUT/checkpoint/."""
+    """Train a LoRA (+ per-rank modules) and write the model folder; resumes from OUT/checkpoint/.
+
+    `data_dir`: a chips folder (or an image folder for dreambooth); None takes `chips:` from the config.
+    """
     cfg = (LatentTrainConfig.from_yaml(config) if isinstance(config, str | Path)
            else LatentTrainConfig.model_validate(config) if isinstance(config, dict) else config)
+    data_dir = data_dir or cfg.chips
+    if data_dir is None:
+        raise ConfigError("no training data: pass --chips DIR or set `chips:` in the train config")
     data_dir, out_dir = Path(data_dir).resolve(), Path(out_dir)
     if out_dir.resolve() == data_dir or data_dir in out_dir.resolve().parents:
         raise SynthgenError(f"{out_dir}: the output folder must not be inside the training data {data_dir}")
@@ -328,7 +334,7 @@ def _load_trainable(sd: SDComponents, conditioner: TaxonomyConditioner | None, t
 
 def _resume_key(cfg: LatentTrainConfig, data_dir: Path) -> dict:
     """What must match for a checkpoint to be resumed (device and memory options may change)."""
-    skip = {"device", "threads", "data", "mixed_precision", "gradient_checkpointing", "xformers", "num_workers", "checkpoint_every"}
+    skip = {"device", "threads", "chips", "mixed_precision", "gradient_checkpointing", "xformers", "num_workers", "checkpoint_every"}
     return {"data_dir": str(data_dir), **cfg.model_dump(mode="json", exclude=skip)}
 
 

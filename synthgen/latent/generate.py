@@ -140,7 +140,7 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
         raise SynthgenError(f"{meta_path}: missing; train with `synthgen train` (backend: latent) or it did not finish")
     meta = json.loads(meta_path.read_text(encoding="utf-8"))
     if cfg.guidance.mode == "taxonomic" and meta["method"] != "taxonomy":
-        raise SynthgenError(f"{model_dir}: taxonomic guidance needs a taxonomy-conditioned model (this one is {meta['method']}); use mode cfg")
+        raise SynthgenError(f"{model_dir}: taxonomic guidance needs a taxonomy-conditioned model (this one is {meta['method']}); use guidance mode cfg (--guidance cfg)")
     targets = resolve_targets(model_dir, taxon, even=False)
     resolution = cfg.resolution or meta["resolution"]
     prompt = cfg.prompt or meta.get("prompt")

@@ -331,3 +331,55 @@ def test_image_list_restricts_backgrounds_and_real_list(seals, seal_pool, tmp_pa
     assert (out / "train_real.txt").read_text().split() == [str(p) for p in imgs]
     assert {Path(x).name.split("__syn")[0] for x in (out / "train_synthetic.txt").read_text().split()} == {
         p.stem for p in imgs}
+
+
+def test_vector_habitat_in_map_crs_keeps_pastes_inside_the_polygon(geo, tmp_path):
+    """Habitat polygons in another CRS (WGS84) are reprojected to the raster's CRS and burnt onto its grid."""
+    import geopandas as gpd
+    import rasterio
+    from shapely.geometry import box
+
+    with rasterio.open(geo / "OSBS_029.tif") as src:
+        t = src.transform
+    # the raster's top-left quarter (pixels 0..200) as a polygon, stored in EPSG:4326
+    quarter = box(t.c, t.f - 200 * 0.1, t.c + 200 * 0.1, t.f)
+    hab = tmp_path / "habitat.gpkg"
+    gpd.GeoDataFrame(geometry=[quarter], crs="EPSG:32617").to_crs("EPSG:4326").to_file(hab)
+    cfg = ComposeConfig(scale={"mode": "physical", "body_length_m": {"tree": 2.0}, "jitter": 0.05},
+                        count={"distribution": "uniform", "low": 6, "high": 6}, tile_aug={"p": 0},
+                        habitat={"kind": "vector", "path": str(hab), "min_fraction": 1.0})
+    out = tmp_path / "out"
+    r = augment_dataset(geo / "OSBS_029.tif", _magenta_pool(tmp_path), out, cfg)
+    assert r.n_pasted > 0
+    for p in (json.loads(x) for x in (out / "provenance.jsonl").read_text().splitlines()):
+        x0, y0, x1, y1 = p["box"]
+        assert x1 <= 201 and y1 <= 201, p["box"]  # 1 px for the reprojected polygon's edge
+
+
+def test_raster_habitat_folder_of_masks(tmp_path):
+    """Plain tiles with a per-tile habitat mask (<stem>.png, nonzero = habitat)."""
+    bg = tmp_path / "tiles"
+    bg.mkdir()
+    Image.fromarray(np.full((300, 300, 3), 200, np.uint8)).save(bg / "t1.png")
+    masks = tmp_path / "hab"
+    masks.mkdir()
+    m = np.zeros((300, 300), np.uint8)
+    m[150:, 150:] = 255
+    Image.fromarray(m).save(masks / "t1.png")
+    pool = _write_pool(tmp_path / "pool", [_ellipse_chip(axes=(26, 12))], "seal")
+    cfg = ComposeConfig(scale={"mode": "physical"}, count={"distribution": "uniform", "low": 3, "high": 3},
+                        habitat={"kind": "raster", "path": str(masks), "min_fraction": 1.0}, tile_aug={"p": 0})
+    # plain tiles have no GSD: physical scale is refused with the file named
+    with pytest.raises(SynthgenError, match=r"t1\.png"):
+        augment_dataset(bg, pool, tmp_path / "o1", cfg.model_copy(update={
+            "scale": cfg.scale.model_copy(update={"body_length_m": {"seal": 1.7}})}))
+    # dataset scale needs real boxes; a bare folder has none -> clear error
+    dcfg = cfg.model_copy(update={"scale": cfg.scale.model_copy(update={"mode": "dataset"})})
+    with pytest.raises(SynthgenError, match="no real boxes"):
+        augment_dataset(bg, pool, tmp_path / "o2", dcfg)
+    # with an explicit size every paste lands inside the habitat quarter
+    dcfg = dcfg.model_copy(update={"scale": dcfg.scale.model_copy(update={"size_px": {"seal": 30.0}})})
+    r = augment_dataset(bg, pool, tmp_path / "o3", dcfg)
+    assert r.n_pasted == 3
+    for p in (json.loads(x) for x in (tmp_path / "o3" / "provenance.jsonl").read_text().splitlines()):
+        assert p["box"][0] >= 150 and p["box"][1] >= 150, p["box"]

@@ -34,6 +34,8 @@ class ScaleConfig(_Strict):
     mode: Literal["dataset", "physical"] = "dataset"
     jitter: float = Field(0.15, ge=0.0, description="log-normal sigma on the sampled size (kernel)")
     body_length_m: dict[str, float] = Field(default_factory=dict, description="label -> metres override")
+    size_px: dict[str, float] = Field(default_factory=dict, description="label -> sqrt(box area) in px, for "
+                                      "labels without real boxes (e.g. bare background tiles)")
     taxonomy: str | None = Field(None, description="taxonomy file giving body_length_m per taxon")
 
 

@@ -432,7 +432,8 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
         raise SynthgenError(f"every pool instance's mask was rejected (e.g. {recs[0]['chip']}: {recs[0]['reason']})")
 
     state = {"cfg": cfg, "items": good, "out": out,
-             "sizes": DatasetSizes(ds.boxes[ds.boxes.split.isin(cfg.background_splits)], cfg.scale.jitter)}
+             "sizes": DatasetSizes(ds.boxes[ds.boxes.split.isin(cfg.background_splits)], cfg.scale.jitter,
+                                   cfg.scale.size_px)}
     if cfg.scale.mode == "physical":
         state["body_lengths"] = _body_lengths(cfg, good)
     if cfg.habitat.kind == "vector":

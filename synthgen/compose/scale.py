@@ -15,9 +15,9 @@ from synthgen.errors import SynthgenError
 class DatasetSizes:
     """Per-label (w, h) of the real boxes; `sample` draws one and jitters it log-normally."""
 
-    def __init__(self, boxes: pd.DataFrame, jitter: float = 0.15):
+    def __init__(self, boxes: pd.DataFrame, jitter: float = 0.15, fallback: dict[str, float] | None = None):
         self.jitter = jitter
-        self.sizes: dict[str, np.ndarray] = {}
+        self.sizes: dict[str, np.ndarray] = {k: np.array([float(v)]) for k, v in (fallback or {}).items()}
         if len(boxes):
             w = (boxes.xmax - boxes.xmin).to_numpy(float)
             h = (boxes.ymax - boxes.ymin).to_numpy(float)
@@ -31,7 +31,7 @@ class DatasetSizes:
         s = self.sizes.get(label)
         if s is None or not len(s):
             raise SynthgenError(f"no real boxes of label {label!r} in the background dataset to take a size from; "
-                                "use scale.mode: physical or add labelled tiles")
+                                "use scale.size_px, scale.mode: physical or labelled tiles")
         return float(s[rng.integers(len(s))] * math.exp(rng.normal(0.0, self.jitter)))
 
 

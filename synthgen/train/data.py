@@ -28,18 +28,20 @@ def load_chips(folder: str | Path, size: int, split: str | None = "train") -> Ch
     manifest = folder / "manifest.jsonl"
     if not manifest.exists():
         raise SynthgenError(f"{manifest}: not found; make chips with `synthgen data chips`")
-    imgs, lineages, taxa, labels = [], [], [], []
+    rows: list[tuple[int, dict]] = []
     for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():
             continue
         try:
             row = json.loads(line)
-            file, taxon = row["file"], row.get("taxon") or row["label"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise SynthgenError(f"{manifest}:{i}: bad manifest row ({e})") from e
-        if split and row.get("split", split) != split:
-            continue
-        path = folder / file
+            row["file"], row["taxon"] = row["file"], row.get("taxon") or row["label"]
+        except (json.JSONDecodeError, KeyError, TypeError) as e:
+            raise SynthgenError(f"{manifest}:{i}: bad manifest row ({e!r})") from e
+        if not split or row.get("split", split) == split:
+            rows.append((i, row))
+    imgs, lineages, taxa, labels = [], [], [], []
+    for i, row in rows:  # every row is checked before any image is read
+        path = folder / row["file"]
         try:
             with Image.open(path) as im:
                 im = im.convert("RGB")
@@ -48,10 +50,10 @@ def load_chips(folder: str | Path, size: int, split: str | None = "train") -> Ch
                 imgs.append(np.asarray(im))
         except OSError as e:
             raise SynthgenError(f"{manifest}:{i}: cannot read image {path} ({e})") from e
-        lineage = row.get("lineage") or {"taxon": taxon}
+        lineage = row.get("lineage") or {"taxon": row["taxon"]}
         lineages.append({k: v for k, v in lineage.items() if v})
-        taxa.append(taxon)
-        labels.append(row.get("label", taxon))
+        taxa.append(row["taxon"])
+        labels.append(row.get("label", row["taxon"]))
     if not imgs:
         raise SynthgenError(f"{manifest}: no chips{f' in split {split!r}' if split else ''}")
     images = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).contiguous()

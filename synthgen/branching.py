@@ -172,3 +172,16 @@ def guidance_window(bp: dict, level: str) -> tuple[float, float]:
     if level not in bp["per_level"]:
         return (0.0, 1.0)
     return (round(1.0 - bp["per_level"][level]["frac"], 4), 1.0)
+
+
+def target_window(model_dir: str | Path, lineage: dict[str, str], default: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
+    """Guidance window for a target taxon with parent-reference guidance: the branch of its finest
+    level (where it parts from its siblings); `default` when the model has no branch points."""
+    bp = load_branch_points(model_dir)
+    if bp is None:
+        return default
+    finest = [lv for lv in bp["levels"] if lineage.get(lv)]
+    for lv in reversed(finest):
+        if lv in bp["per_level"]:
+            return guidance_window(bp, lv)
+    return default

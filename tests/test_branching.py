@@ -19,6 +19,7 @@ from synthgen.branching import (
     divergence_level,
     guidance_window,
     load_branch_points,
+    target_window,
 )
 from synthgen.errors import SynthgenError
 from synthgen.train import TrainConfig, train
@@ -94,6 +95,10 @@ def test_branch_points_on_real_chips_stored_with_model(aquarium, tmp_path):
     assert all(0 <= p["t"] <= 999 for p in bp["pairs"].values())
     assert set(bp["per_level"]) <= set(bp["levels"])
     assert bp["pairs"]["Actinopterygii|Asteroidea"]["level"] == "phylum"
+    puffin = bp["taxa"]["Fratercula"]["lineage"]  # finest measured level of a puffin decides its window
+    lv = [lv for lv in bp["levels"] if puffin.get(lv) and lv in bp["per_level"]][-1]
+    assert target_window(tmp_path / "model", puffin) == guidance_window(bp, lv)
+    assert target_window(tmp_path / "chips", puffin) == (0.0, 1.0)
     with pytest.raises(SynthgenError, match="not a synthgen model folder"):
         branch_points(tmp_path / "chips", tmp_path / "chips")
 

@@ -23,7 +23,7 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         return float("nan")
     mu1, mu2 = a.mean(0), b.mean(0)
     c1, c2 = np.atleast_2d(np.cov(a, rowvar=False)), np.atleast_2d(np.cov(b, rowvar=False))
-    covmean, _ = linalg.sqrtm(c1 @ c2, disp=False)
+    covmean = linalg.sqrtm(c1 @ c2)
     if not np.isfinite(covmean).all():  # singular product: regularise as in the reference FID code
         off = np.eye(c1.shape[0]) * 1e-6
         covmean = linalg.sqrtm((c1 + off) @ (c2 + off))

@@ -1,0 +1,126 @@
+"""Sample-quality metrics: hand-worked values, then `evaluate-samples` end to end on real chips."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from test_scoring import LINEAGE, tiny_chips, tiny_judge
+from typer.testing import CliRunner
+
+from synthgen.metrics import (
+    evaluate_samples,
+    frechet_distance,
+    kid,
+    mean_pairwise_distance,
+    nearest_distance,
+    precision_recall,
+)
+from synthgen.scoring import JudgeScorer, Pool
+
+
+def test_frechet_by_hand():
+    a = np.array([[0.0], [2.0]])  # mean 1, var 2 (ddof 1)
+    b = np.array([[1.0], [3.0]])  # mean 2, var 2
+    assert frechet_distance(a, b) == pytest.approx(1.0)  # (1-2)^2 + 2 + 2 - 2*sqrt(4)
+    c = np.array([[0.0], [4.0]])  # var 8: (1-2)^2 + 2 + 8 - 2*4 = 3
+    assert frechet_distance(a, c + 0.0) == pytest.approx(1 + 2 + 8 - 8)
+    x = np.random.default_rng(0).normal(size=(500, 4))
+    assert frechet_distance(x, x) == pytest.approx(0, abs=1e-6)
+    assert np.isnan(frechet_distance(x[:1], x))
+
+
+def test_kid_by_hand():
+    x = np.array([[1.0], [0.0]])
+    y = np.array([[0.0], [0.0]])
+    # k(u,v) = (uv + 1)^3: kxx off-diagonal = 1, kyy off-diagonal = 1, kxy all = 1 -> 1 + 1 - 2 = 0
+    assert kid(x, y, subsets=1)[0] == pytest.approx(0.0)
+    x2 = np.array([[1.0], [1.0]])  # kxx off = 8, kyy off = 1, kxy = 1 -> 8 + 1 - 2 = 7
+    assert kid(x2, y, subsets=1)[0] == pytest.approx(7.0)
+    rng = np.random.default_rng(1)
+    same = kid(rng.normal(size=(300, 8)), rng.normal(size=(300, 8)), subsets=10, subset_size=100)[0]
+    shifted = kid(rng.normal(size=(300, 8)), rng.normal(1.0, size=(300, 8)), subsets=10, subset_size=100)[0]
+    assert abs(same) < 0.05 < shifted
+
+
+def test_precision_recall_by_hand():
+    real = np.array([[0.0, 0], [1, 0], [0, 1], [1, 1], [2, 2]])
+    assert precision_recall(real, real.copy(), k=3) == (1.0, 1.0)
+    far = real + 100
+    assert precision_recall(real, far, k=3) == (0.0, 0.0)
+    # half the fakes sit on real points, half far away: precision 0.5; all fakes' k-NN balls around the
+    # near half reach every real point except none of the far ones are needed
+    half = np.concatenate([real[:3], far[:3]])
+    p, _ = precision_recall(real, half, k=3)
+    assert p == 0.5
+
+
+def test_diversity_and_nearest_by_hand():
+    eye = np.eye(3)
+    assert mean_pairwise_distance(eye) == pytest.approx(1.0)  # orthogonal: cosine distance 1
+    assert mean_pairwise_distance(np.array([[0.0, 0], [3, 4]]), cosine=False) == pytest.approx(5.0)
+    assert np.isnan(mean_pairwise_distance(eye[:1]))
+    d = nearest_distance(np.array([[1.0, 0], [1, 1]]), np.array([[2.0, 0], [0, 1]]))
+    np.testing.assert_allclose(d, [0, 1 - np.cos(np.pi / 4)], atol=1e-7)
+
+
+def _pool_from(tmp: Path, split: str, relabel: dict[str, str] | None = None) -> Path:
+    """A generated-style pool made of real chips of `split` (optionally claimed as other labels)."""
+    chips = Pool.load(tiny_chips(), split=split)
+    rows = []
+    for r in chips.rows:
+        claimed = (relabel or {}).get(r["label"], r["label"])
+        f = f"{claimed}/{Path(r['file']).name}"
+        (tmp / claimed).mkdir(parents=True, exist_ok=True)
+        shutil.copy(chips.path(r), tmp / f)
+        taxon, lin = LINEAGE[claimed]
+        rows.append({"file": f, "label": claimed, "taxon": taxon, "lineage": lin, "seed": len(rows)})
+    (tmp / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return tmp
+
+
+def test_evaluate_samples_floor_memorisation_and_accuracy(tmp_path):
+    judge_dir, _ = tiny_judge()
+    scorer = JudgeScorer(judge_dir, device="cpu")
+    # "generated" = copies of the training chips: memorised, so nearest-train distance is 0
+    copies = evaluate_samples(_pool_from(tmp_path / "copies", "train"), tiny_chips(), scorer, tmp_path / "r1")
+    o = copies["overall"]
+    assert o["nn_train_median"]["generated"] == pytest.approx(0, abs=1e-5)
+    assert o["nn_train_median"]["real"] > 0.001 and o["memorised_share"] == 1.0
+    # the floor is train vs held-out at the generated sample size; copies of train match it exactly
+    assert o["fd"]["generated"] == pytest.approx(frechet_distance(
+        scorer.embed_images(list(Pool.load(tiny_chips(), split="train").images())),
+        scorer.embed_images(list(Pool.load(tiny_chips(), split="valid").images()))), rel=1e-3)
+    # wrong labels: accuracy vs the intended taxon collapses while the real accuracy stays
+    wrong = evaluate_samples(_pool_from(tmp_path / "wrong", "valid", {"jellyfish": "penguin", "penguin": "starfish",
+                                                                      "starfish": "jellyfish"}),
+                             tiny_chips(), scorer, tmp_path / "r2")
+    right = evaluate_samples(_pool_from(tmp_path / "right", "valid"), tiny_chips(), scorer, tmp_path / "r3")
+    assert wrong["overall"]["taxon_accuracy"]["generated"] < 0.3
+    assert right["overall"]["taxon_accuracy"]["generated"] == pytest.approx(right["overall"]["taxon_accuracy"]["real"])
+    assert right["accuracy_per_level"]["phylum"]["real"]["n"] == 75
+    assert right["overall"]["fd"]["generated"] == pytest.approx(0, abs=1e-3)  # held-out vs itself
+    assert right["overall"]["precision"]["generated"] == 1.0
+    assert set(right["per_taxon"]) == {"Asteroidea", "Scyphozoa", "Spheniscidae"}
+    for name in ("sample_quality.json", "sample_quality.md", "best_worst.png"):
+        assert (tmp_path / "r3" / name).stat().st_size > 100
+    md = (tmp_path / "r3" / "sample_quality.md").read_text()
+    assert "| Fréchet distance |" in md and "| phylum |" in md
+
+
+def test_evaluate_samples_cli(tmp_path):
+    from cli import app
+
+    judge_dir, _ = tiny_judge()
+    gen = _pool_from(tmp_path / "gen", "valid")
+    res = CliRunner().invoke(app, ["evaluate-samples", "--generated", str(gen), "--real", str(tiny_chips()),
+                                   "--features", f"judge:{judge_dir}", "--out", str(tmp_path / "rep"),
+                                   "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "FD " in res.output and (tmp_path / "rep" / "sample_quality.md").is_file()
+    res = CliRunner().invoke(app, ["evaluate-samples", "--generated", str(tmp_path / "missing"), "--real",
+                                   str(tiny_chips()), "--features", f"judge:{judge_dir}", "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "manifest.jsonl" in res.output

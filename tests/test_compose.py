@@ -180,6 +180,9 @@ def test_seals_augment_end_to_end(seals, seal_pool, configs, tmp_path):
     coco = json.loads((out / "annotations" / "instances_train_synthetic.json").read_text())
     assert len(coco["images"]) == 6 and sum(a["synthetic"] for a in coco["annotations"]) == r.n_pasted
     assert len(list((out / "previews").glob("*.png"))) == 2
+    masks = json.loads((out / "masks" / "summary.json").read_text())
+    assert masks["chips"] == sum(masks["by_method"].values()) and all(r["reason"] for r in masks["rejected"])
+    assert len(masks["rejected"]) == r.n_masks_rejected
     assert _snapshot(seals / "valid" / "labels") == before
 
     # resume after a "kill": drop the last manifest row and add a stale provenance row for it

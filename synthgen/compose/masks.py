@@ -151,12 +151,3 @@ def compute_mask_cached(chip: Path, cache: Path, cfg: MaskConfig) -> dict:
         rec["mask"] = str(mpath)
     write_json(rec_path, rec)
     return rec
-
-
-def read_mask_records(cache: Path) -> list[dict]:
-    """All cached mask records (for summaries)."""
-    return [json.loads(p.read_text()) for p in sorted(cache.glob("*.json"))] if cache.is_dir() else []
-
-
-__all__ = ["MaskResult", "central_box", "check_mask", "estimate_mask", "compute_mask_cached",
-           "read_mask_records"]

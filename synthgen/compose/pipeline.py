@@ -428,6 +428,12 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
         if rec["mask"]:
             good.append({**it, "mask": rec["mask"], "mask_method": rec["method"]})
     n_rej = len(items) - len(good)
+    methods: dict[str, int] = {}
+    for rec in recs:
+        methods[rec["method"]] = methods.get(rec["method"], 0) + 1
+    write_json(cache / "summary.json", {"chips": len(recs), "by_method": methods,
+                                         "rejected": [{"chip": r["chip"], "reason": r["reason"]}
+                                                      for r in recs if not r["mask"]]})
     if not good:
         raise SynthgenError(f"every pool instance's mask was rejected (e.g. {recs[0]['chip']}: {recs[0]['reason']})")
 

@@ -138,8 +138,17 @@ def load_model_folder(folder: str | Path) -> ConditionedUNet:
 
 def extend_vocab(old: TaxonVocab, lineages: list[dict[str, str]]) -> TaxonVocab:
     """Old names keep their indices; new names are appended per level; new levels slot in by order."""
-    order = TaxonVocab.from_lineages([{lv: "x" for lv in old.levels}, *lineages]).levels
-    levels = [lv for lv in order if lv in old.levels or any(lin.get(lv) for lin in lineages)]
+    from taxonomy.spec import is_level, level_sort_key
+
+    added = sorted({lv for lin in lineages for lv, name in lin.items() if name and lv not in old.levels})
+    if all(is_level(lv) for lv in [*old.levels, *added]):  # taxonomy level names fix the order
+        levels = list(old.levels)
+        for lv in sorted(added, key=level_sort_key):
+            pos = sum(1 for o in levels if level_sort_key(o) < level_sort_key(lv))
+            levels.insert(pos, lv)
+    else:  # free-form level names: order by where they appear in the lineages
+        order = TaxonVocab.from_lineages([{lv: "x" for lv in old.levels}, *lineages]).levels
+        levels = [lv for lv in order if lv in old.levels or lv in added]
     if [lv for lv in levels if lv in old.levels] != old.levels:
         raise SynthgenError(f"new taxa reorder the model's levels {old.levels} (got {levels}); check their lineages")
     names = {}

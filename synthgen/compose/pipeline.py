@@ -456,10 +456,12 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     with atomic_write(prov_path) as f:  # drop provenance of tiles killed before their manifest row
         f.writelines(json.dumps(r) + "\n" for r in prov_rows)
     todo = [j for j in jobs if j["out_rel"] not in done_rows]
-    with JsonlAppender(man_path) as man, JsonlAppender(prov_path) as prov:
+    # provenance is appended with a flush only (one write per tile, no fsync): the fsynced manifest row
+    # that follows is the truth, and a rerun drops provenance rows of tiles missing from the manifest
+    with JsonlAppender(man_path) as man, open(prov_path, "a", encoding="utf-8") as prov:
         for res in _run(compose_tile, todo, workers, state, "compose"):
-            for p in res["prov"]:
-                prov.write(p)
+            prov.write("".join(json.dumps(p) + "\n" for p in res["prov"]))
+            prov.flush()
             man.write(res["row"])
             done_rows[res["row"]["output"]] = res["row"]
     rows = [done_rows[j["out_rel"]] for j in jobs if j["out_rel"] in done_rows]

@@ -124,3 +124,37 @@ def test_evaluate_samples_cli(tmp_path):
     res = CliRunner().invoke(app, ["evaluate-samples", "--generated", str(tmp_path / "missing"), "--real",
                                    str(tiny_chips()), "--features", f"judge:{judge_dir}", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "manifest.jsonl" in res.output
+
+
+def test_sample_quality_benchmark_on_tiny_generator(aquarium, tmp_path):
+    """benchmarks/sample_quality.py end to end: a tiny diffusion model trained a few steps on real
+    chips, both guidance modes, features from a tiny random open_clip model in a local folder."""
+    import sys
+
+    from test_diffusion import make_chips
+    from test_scoring import tiny_open_clip
+
+    from synthgen.train import TrainConfig, train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import sample_quality
+
+    chips = make_chips(aquarium, tmp_path / "chips", labels=("penguin", "starfish"), per_label=4)
+    cfg = TrainConfig(preset="tiny", image_size=32, mode="flat", steps_per_stage=1, batch_size=4, warmup_steps=1,
+                      device="cpu")
+    model = train(cfg, tmp_path / "model", chips=chips, progress=False).out
+    clip = tiny_open_clip(tmp_path / "clip")
+    out = tmp_path / "report"
+    rc = sample_quality.main(["--model", f"flat={model}", "--chips", str(chips), "--features", f"bioclip:{clip}",
+                              "--n", "3", "--steps", "2", "--batch-size", "4", "--device", "cpu",
+                              "--rare", "starfish", "--out", str(out)])
+    assert rc == 0
+    s = json.loads((out / "sample_quality.json").read_text())
+    assert set(s["arms"]) == {"flat-taxonomic", "flat-cfg"}
+    for arm in s["arms"].values():
+        assert arm["rare"]["starfish"]["n_generated"] == 3
+        assert 0 <= arm["overall"]["taxon_accuracy"]["generated"] <= 1
+    pools = [json.loads(x) for x in (out / "pools" / "flat-cfg" / "manifest.jsonl").read_text().splitlines()]
+    assert len(pools) == 6 and {r["guidance"]["mode"] for r in pools} == {"cfg"}
+    md = (out / "sample_quality.md").read_text()
+    assert "| flat-taxonomic |" in md and "Rarest taxa" in md and "| flat-cfg | starfish | 3 |" in md

@@ -152,6 +152,12 @@ def _save_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer, progress
         f.write(save(tensors, metadata={"progress": json.dumps(progress)}))
 
 
+def _resume_key(cfg: dict) -> dict:
+    """Settings that must match to resume: all but the epoch count (a run may be extended or cut
+    short; the LR schedule is then re-planned over the new total) and the device."""
+    return {k: v for k, v in cfg.items() if k not in ("epochs", "device")}
+
+
 def _read_progress(path: Path) -> dict:
     from safetensors import safe_open
 
@@ -245,7 +251,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
     start, history = 0, []
     if state_path.is_file():
         prog = _read_progress(state_path)
-        if prog.get("config") == cfg.model_dump():
+        if _resume_key(prog.get("config", {})) == _resume_key(cfg.model_dump()) and prog["epoch"] <= cfg.epochs:
             _load_state(state_path, net, opt)
             start, history = int(prog["epoch"]), prog["history"]
             with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps

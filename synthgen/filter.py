@@ -61,14 +61,18 @@ def embed_pool(scorer: Scorer, pool: Pool, rows: list[dict], cache: Path, desc: 
     from rich.progress import Progress
 
     cache.mkdir(parents=True, exist_ok=True)
+
+    def key(r: dict) -> str:  # scores depend on the intended taxon, not only on the image
+        return f"{r['file']}\t{r['taxon']}"
+
     done: dict[str, tuple[np.ndarray, dict]] = {}
     for f in sorted(cache.glob("batch_*.npz")):
         with np.load(f, allow_pickle=False) as z:
-            names = [str(s) for s in z["files"]]
+            names = [str(s) for s in z["keys"]]
             keys = [k for k in z.files if k.startswith("s:")]
             for i, n in enumerate(names):
                 done[n] = (z["emb"][i], {k[2:]: float(z[k][i]) for k in keys})
-    todo = [r for r in rows if r["file"] not in done]
+    todo = [r for r in rows if key(r) not in done]
     start = len(list(cache.glob("batch_*.npz")))
     with Progress(transient=True) as bar:
         task = bar.add_task(desc, total=len(rows), completed=len(rows) - len(todo))
@@ -76,15 +80,15 @@ def embed_pool(scorer: Scorer, pool: Pool, rows: list[dict], cache: Path, desc: 
             imgs = [load_image(pool.path(r)) for r in chunk]
             emb = scorer.embed_images(imgs)
             sc = scorer.score_embeddings(emb, [r["taxon"] for r in chunk])
-            arrays = {"files": np.array([r["file"] for r in chunk]), "emb": emb.astype(np.float32)}
+            arrays = {"keys": np.array([key(r) for r in chunk]), "emb": emb.astype(np.float32)}
             arrays |= {f"s:{scorer.name}.{k}": np.asarray(v, dtype=np.float32) for k, v in sc.items()}
             with atomic_write(cache / f"batch_{start + b:06d}.npz", "wb") as fh:
                 np.savez(fh, **arrays)
             for i, r in enumerate(chunk):
-                done[r["file"]] = (emb[i], {f"{scorer.name}.{k}": float(v[i]) for k, v in sc.items()})
+                done[key(r)] = (emb[i], {f"{scorer.name}.{k}": float(v[i]) for k, v in sc.items()})
             bar.update(task, advance=len(chunk))
-    emb = np.stack([done[r["file"]][0] for r in rows]) if rows else np.zeros((0, 1), np.float32)
-    return emb, {r["file"]: done[r["file"]][1] for r in rows}
+    emb = np.stack([done[key(r)][0] for r in rows]) if rows else np.zeros((0, 1), np.float32)
+    return emb, {r["file"]: done[key(r)][1] for r in rows}
 
 
 def cache_name(scorer: Scorer) -> str:

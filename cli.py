@@ -210,8 +210,12 @@ def train_cmd(
 ) -> None:
     """Train the taxonomy-conditioned diffusion model (every progressive stage in one command)."""
     from synthgen.errors import SynthgenError
+    from synthgen.latent.config import config_backend
     from synthgen.train import TrainConfig, train
 
+    if config_backend(config) == "latent":  # LoRA on pretrained Stable Diffusion (docs/latent.md)
+        _train_latent(config, chips, out, device, threads)
+        return
     try:
         cfg = TrainConfig.from_yaml(config, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
                                     device=device, threads=threads)
@@ -247,6 +251,10 @@ def generate_cmd(
     from synthgen.guidance import GuidanceConfig
     from synthgen.pipelines import GenerateConfig, generate
 
+    if (model / "latent_model.json").is_file():  # a latent (Stable Diffusion + LoRA) model folder
+        _generate_latent(model, taxon, n, out, sampler, steps, guidance, scale, reference, window, batch_size,
+                         device, seed)
+        return
     try:
         w = tuple(float(v) for v in window.split(","))
         gcfg = GenerateConfig(sampler=sampler, steps=steps, batch_size=batch_size, device=device, seed=seed,
@@ -258,6 +266,38 @@ def generate_cmd(
     grids = f", grids: {', '.join(str(p) for p in res.grids)}" if res.grids else ""
     console.print(f"{res.written} chips written, {res.already} already done in {res.seconds:.1f}s "
                   f"-> {res.out / 'manifest.jsonl'}{grids}")
+
+
+def _train_latent(config: Path, chips: Path | None, out: Path, device: str | None, threads: int | None) -> None:
+    """`backend: latent` train configs: LoRA (+ per-rank modules) on pretrained Stable Diffusion."""
+    from synthgen.errors import SynthgenError
+    from synthgen.latent import LatentTrainConfig, train_latent
+
+    try:
+        cfg = LatentTrainConfig.from_yaml(config)
+        cfg = cfg.model_copy(update={k: v for k, v in {"device": device, "threads": threads}.items() if v})
+        res = train_latent(cfg, chips, out)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(res.summary(), soft_wrap=True)
+
+
+def _generate_latent(model: Path, taxon: str, n: int, out: Path, sampler: str, steps: int, guidance: str, scale: float,
+                     reference: str, window: str, batch_size: int, device: str, seed: int) -> None:
+    """Latent model folders: full frames at the model's resolution, then each animal cut out as a chip."""
+    from pydantic import ValidationError
+
+    from synthgen.errors import SynthgenError
+    from synthgen.latent import LatentGenerateConfig, generate_latent
+
+    try:
+        w = tuple(float(v) for v in window.split(","))
+        cfg = LatentGenerateConfig(sampler=sampler, steps=steps, batch_size=min(batch_size, 8), device=device, seed=seed,
+                                   guidance={"mode": guidance, "scale": scale, "reference": reference, "window": w})
+        res = generate_latent(model, taxon, n, out, cfg)  # batch capped: 512-1024 px frames, not 64 px chips
+    except (SynthgenError, ValidationError, ValueError) as e:
+        _fail(e)
+    console.print(res.summary(), soft_wrap=True)
 
 
 # --- filter / evaluate-samples / train-judge -------------------------------------------------

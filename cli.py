@@ -201,7 +201,9 @@ def demo_cmd(
 def train_cmd(
     config: Path = typer.Option(Path("configs/train/aquarium-small.yaml"), help="train config YAML (configs/train/)"),
     out: Path = typer.Option(..., help="model folder; rerunning the same command resumes from its checkpoints"),
-    chips: Path | None = typer.Option(None, help="chips folder (manifest.jsonl); overrides `chips:` in the config"),
+    chips: Path | None = typer.Option(None, "--chips", "--data", help="chips folder (manifest.jsonl); overrides `chips:` in the config"),
+    from_model: Path | None = typer.Option(None, "--from", help="trained model to extend with new taxa (with --add-taxa)"),
+    add_taxa: Path | None = typer.Option(None, help="taxonomy file of the taxa to add (configs/continual/*.yaml as --config)"),
     preset: str | None = typer.Option(None, help="tiny | small | base | large"),
     mode: str | None = typer.Option(None, help="progressive | flat"),
     steps_per_stage: int | None = typer.Option(None),
@@ -213,6 +215,9 @@ def train_cmd(
     from synthgen.latent.config import config_backend
     from synthgen.train import TrainConfig, train
 
+    if from_model is not None or add_taxa is not None:
+        _add_taxa(from_model, add_taxa, chips, out, config, device, threads)
+        return
     if config_backend(config) == "latent":  # LoRA on pretrained Stable Diffusion (docs/latent.md)
         _train_latent(config, chips, out, device, threads)
         return
@@ -520,6 +525,24 @@ def benchmark_cmd(
 
 
 # --- continual / transmute / branch points ---------------------------------------------------
+def _add_taxa(base: Path | None, taxa: Path | None, data: Path | None, out: Path, config: Path, device: str | None,
+              threads: int | None) -> None:
+    """`synthgen train --from MODEL --add-taxa FILE --data DIR`: tune new taxa into a trained model."""
+    from synthgen.continual import ContinualConfig, add_taxa
+    from synthgen.errors import SynthgenError
+
+    if base is None or data is None:
+        _fail(SynthgenError("--add-taxa needs --from MODEL and --data CHIPS (the new taxa's chips)"))
+    try:
+        cfg = (ContinualConfig.from_yaml(config, device=device, threads=threads) if "continual" in config.parts
+               else ContinualConfig(**{k: v for k, v in {"device": device, "threads": threads}.items() if v}))
+        res = add_taxa(base, data, out, taxa, cfg)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(f"added {', '.join(res.new_taxa)} in {res.steps} steps ({cfg.tune}); delta {res.delta_bytes / 1e3:.1f} KB "
+                  f"vs {res.base_bytes / 1e6:.2f} MB full -> {res.out}")
+
+
 @app.command("transmute")
 def transmute_cmd(
     model: Path = typer.Option(..., help="model folder (from `synthgen train`, or extended with --add-taxa)"),

@@ -157,3 +157,32 @@ def test_bad_inputs_name_the_file(world, tmp_path):
         ContinualConfig.from_yaml(bad)
     for f in (REPO / "configs/continual").glob("*.yaml"):
         ContinualConfig.from_yaml(f)
+
+
+def test_extended_folder_generates_through_the_pipeline(world):
+    from synthgen.pipelines import GenerateConfig, generate
+
+    out = world["root"] / "ext-gen"
+    add_taxa(world["base"], world["new"], out, TAXA_FILE, tiny("rows", steps=2), progress=False)
+    res = generate(out, "starfish", 2, world["root"] / "pool", GenerateConfig(steps=3, device="cpu"), progress=False)
+    rows = [json.loads(x) for x in (world["root"] / "pool/manifest.jsonl").read_text().splitlines()]
+    assert res.written == 2 and {r["taxon"] for r in rows} == {"Asteroidea"}
+    assert rows[0]["model"] == json.loads((out / "synthgen_model.json").read_text())["id"]
+
+
+def test_cli_train_add_taxa(world, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cfg = tmp_path / "continual" / "rows.yaml"
+    cfg.parent.mkdir()
+    cfg.write_text("tune: rows\nsteps: 2\nbatch_size: 2\nwarmup_steps: 1\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["train", "--from", str(world["base"]), "--add-taxa", str(TAXA_FILE), "--data",
+                              str(world["new"]), "--config", str(cfg), "--out", str(tmp_path / "ext"), "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    assert "Asteroidea" in res.output and "KB" in res.output
+    assert json.loads((tmp_path / "ext" / "continual.json").read_text())["tune"] == "rows"
+    res = runner.invoke(app, ["train", "--add-taxa", str(TAXA_FILE), "--out", str(tmp_path / "x")])
+    assert res.exit_code == 1 and "--from" in res.output

@@ -181,6 +181,10 @@ class ConditionedUNet(nn.Module):
     @classmethod
     def load(cls, folder: Path) -> ConditionedUNet:
         folder = Path(folder)
+        if (folder / "continual.json").exists():  # taxa added by `synthgen train --add-taxa`: base + delta
+            from synthgen.continual import load_model_folder
+
+            return load_model_folder(folder)
         need = [folder / "unet" / "config.json", folder / "taxonomy_encoder.safetensors", folder / "taxonomy_encoder.json"]
         missing = [str(p) for p in need if not p.exists()]
         if missing:

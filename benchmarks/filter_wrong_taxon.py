@@ -49,6 +49,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--work", type=Path, default=Path("/tmp/synthgen-filter-wrong-taxon"))
     p.add_argument("--threshold", type=float, nargs="+", default=[0.3, 0.5])
+    p.add_argument("--note", default="", help="how the judge was trained (printed under the title)")
     a = p.parse_args()
     pool = build_pool(a.chips, a.work / "pool")
     scorer = JudgeScorer(a.judge)
@@ -78,10 +79,10 @@ def main() -> None:
     a.out.mkdir(parents=True, exist_ok=True)
     write_json(a.out / "results.json", res)
     v = res["judge_val"]
-    md = [f"# Judge on aquarium ({metrics['val_split']} split chips, {v['n']} chips; trained "
-          f"{metrics['train_seconds'] / 60:.1f} CPU min on a shared 2-core machine)", "",
-          "| level | accuracy | n |", "|---|---|---|"]
-    md += [f"| {lv} | {d['accuracy']:.3f} | {d['n']} |" for lv, d in v["per_level"].items() if d["accuracy"] is not None]
+    md = [f"# Judge on aquarium ({metrics['val_split']} split chips, {v['n']} chips)", "", a.note, "",
+          "| level | accuracy | n | names at level (1 = trivially right) |", "|---|---|---|---|"]
+    md += [f"| {lv} | {d['accuracy']:.3f} | {d['n']} | {len(scorer.space.vocab[lv])} |"
+           for lv, d in v["per_level"].items() if d["accuracy"] is not None]
     md += ["", f"Taxon accuracy (whole lineage right): {v['taxon_accuracy']:.3f}, balanced over taxa "
            f"{v['balanced_taxon_accuracy']:.3f}", "", "| taxon | level | accuracy | n |", "|---|---|---|---|"]
     md += [f"| {t} | {d['level']} | {d['accuracy']:.3f} | {d['n']} |" for t, d in v["per_taxon"].items()]

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.splitlines()[0])
-console = Console()
+console = Console(soft_wrap=True)  # never hard-wrap: paths and messages stay copyable in logs and pipes
 
 
 def _fail(err: Exception) -> None:

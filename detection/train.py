@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # read by ultralytics at import: no DNS/online checks
+os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install missing extras at run time
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -54,7 +55,10 @@ def make_ultralytics_offline() -> None:
     - AMP check: downloads a reference model; on CUDA we trust bf16/fp16 autocast instead;
     - label caches: ultralytics writes `labels.cache` beside the user's labels; we never modify an
       input dataset, so the cache is not saved (labels are re-scanned, which is cheap);
-    - events/hub sync are off because YOLO_OFFLINE is set before ultralytics is imported.
+    - events/hub sync are off because YOLO_OFFLINE is set before ultralytics is imported;
+    - PIL.Image.open: ultralytics replaces it process-wide with a wrapper that pip-installs
+      pi-heif on any unreadable image, so a corrupt user image anywhere in the process would
+      become an install attempt instead of our clear error; the original is put back.
     Idempotent; called by the trainer itself so DDP worker processes are patched too."""
     global _PATCHED
     if _PATCHED:
@@ -79,7 +83,16 @@ def make_ultralytics_offline() -> None:
     u_plotting.check_font = _font
     u_trainer.check_amp = _amp
     u_dataset.save_dataset_cache_file = _no_cache
+    restore_pil_open()
     _PATCHED = True
+
+
+def restore_pil_open() -> None:
+    """Undo ultralytics' process-wide PIL.Image.open patch (see `make_ultralytics_offline`)."""
+    import ultralytics.utils.patches as u_patches
+    from PIL import Image
+
+    Image.open = u_patches._image_open
 
 
 # ---------------------------------------------------------------------------------------------

@@ -36,3 +36,16 @@ def geo(shared_data: Path) -> Path:
 @pytest.fixture(scope="session")
 def configs() -> Path:
     return CONFIGS
+
+
+@pytest.fixture(autouse=True)
+def _no_leaked_ultralytics_pil_patch():
+    """Tests that import ultralytics directly must not leak its process-wide PIL.Image.open patch
+    (pip-installs pi-heif on unreadable images) into later tests in the same worker."""
+    yield
+    import sys
+
+    if "ultralytics.utils.patches" in sys.modules:
+        from detection.train import restore_pil_open
+
+        restore_pil_open()

@@ -26,8 +26,9 @@ os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install missing 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from pydantic import BaseModel, ConfigDict, Field, field_validator  # noqa: E402
+from pydantic import ConfigDict, Field, field_validator  # noqa: E402
 
+from synthgen.config import YamlConfig  # noqa: E402
 from synthgen.errors import ConfigError, SynthgenError  # noqa: E402
 from synthgen.io_utils import atomic_write, write_json  # noqa: E402
 
@@ -239,7 +240,7 @@ def __getattr__(name: str):
 
 # ---------------------------------------------------------------------------------------------
 # config + entry point
-class DetectorTrainConfig(BaseModel):
+class DetectorTrainConfig(YamlConfig):
     """What `synthgen train-detector` needs; the benchmark uses one of these for every arm so all
     arms share schedule, image size and augmentation."""
 
@@ -268,16 +269,6 @@ class DetectorTrainConfig(BaseModel):
             )
         return v
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> DetectorTrainConfig:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            return cls(**raw)
-        except (yaml.YAMLError, ValueError, TypeError) as e:
-            raise ConfigError(f"{path}: {e}") from e
 
 
 def _ultra_device(device: str) -> str:

@@ -25,14 +25,14 @@ from typing import Literal
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from diffusers import DDPMScheduler
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ConfigDict
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
-from synthgen.errors import ConfigError, SynthgenError
+from synthgen.errors import SynthgenError
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.models import ConditionedUNet, TaxonomyEncoder, TaxonVocab
 from synthgen.train.data import load_chips
@@ -42,7 +42,7 @@ TuneMode = Literal["rows", "rows+bias", "rows+bias+norm", "full"]
 DELTA_FILE, MANIFEST_FILE = "delta.safetensors", "continual.json"
 
 
-class ContinualConfig(BaseModel):
+class ContinualConfig(YamlConfig):
     """How new taxa are tuned into a trained model (YAML under configs/continual/)."""
 
     model_config = ConfigDict(extra="forbid")
@@ -62,22 +62,6 @@ class ContinualConfig(BaseModel):
     device: str = "auto"
     threads: int | None = None
 
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> ContinualConfig:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: continual config not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**data)
-        except ValidationError as e:
-            raise ConfigError(f"{path}: {e}") from e
 
 
 @dataclass

@@ -16,17 +16,16 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
-import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
-from synthgen.errors import ConfigError
+from synthgen.config import YamlConfig
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.scoring.base import Pool, Scorer, ScoringError, batched, load_image, normalize
 
 REASONS = ("low_score", "near_copy", "duplicate", "not_top_k")
 
 
-class FilterConfig(BaseModel):
+class FilterConfig(YamlConfig):
     """Which score decides and how its threshold is set."""
 
     model_config = ConfigDict(extra="forbid")
@@ -40,12 +39,6 @@ class FilterConfig(BaseModel):
     batch_size: int = Field(64, ge=1)
     link: Literal["hardlink", "symlink", "copy"] = "hardlink"
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> FilterConfig:
-        try:
-            return cls(**(yaml.safe_load(Path(path).read_text()) or {}))
-        except (OSError, yaml.YAMLError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from e
 
 
 def _score_key(scorer: Scorer, name: str) -> str:

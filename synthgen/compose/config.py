@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import ConfigDict, Field
 
-from synthgen.errors import ConfigError
+from synthgen.config import YamlConfig
 
 
-class _Strict(BaseModel):
+class _Strict(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
 
@@ -99,18 +97,3 @@ class ComposeConfig(_Strict):
     habitat: HabitatConfig = Field(default_factory=HabitatConfig)
     blend: BlendConfig = Field(default_factory=BlendConfig)
     tile_aug: TileAugConfig = Field(default_factory=TileAugConfig)
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> ComposeConfig:
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-            return cls.model_validate(data)
-        except FileNotFoundError as e:
-            raise ConfigError(f"{path}: config file not found") from e
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f"{path}:{line + 1}" if line is not None else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({e})") from e
-        except ValidationError as e:
-            raise ConfigError(f"{path}: invalid compose config: {e}") from e

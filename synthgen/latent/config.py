@@ -6,32 +6,14 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ConfigDict, Field, field_validator
 
-from synthgen.errors import ConfigError
+from synthgen.config import YamlConfig
 
 
-class _Base(BaseModel):
+class _Base(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
-    @classmethod
-    def from_yaml(cls, path: str | Path):
-        """Load with yaml.safe_load; errors name the file (and the field)."""
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            where = f"{path}:{line + 1}" if line is not None else str(path)
-            raise ConfigError(f"{where}: invalid YAML ({e})") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        try:
-            return cls.model_validate(data)
-        except ValidationError as e:
-            raise ConfigError(f"{path}: {e}") from e
 
 
 class LoraConfig(_Base):

@@ -16,12 +16,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from safetensors.torch import load_file, save
 from torch import nn
 
+from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError
 from synthgen.io_utils import atomic_write, write_json
@@ -32,7 +32,7 @@ WEIGHTS, CONFIG = "judge.safetensors", "judge.json"
 VAL_SPLITS = ("val", "valid", "validation")
 
 
-class JudgeConfig(BaseModel):
+class JudgeConfig(YamlConfig):
     """Judge architecture and training; defaults train in a few CPU minutes at 64 px."""
 
     model_config = ConfigDict(extra="forbid")
@@ -49,13 +49,6 @@ class JudgeConfig(BaseModel):
     seed: int = 0
     device: str = "auto"
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> JudgeConfig:
-        try:
-            data = yaml.safe_load(Path(path).read_text()) or {}
-            return cls(**data)
-        except (OSError, yaml.YAMLError, ValueError) as e:
-            raise ConfigError(f"{path}: {e}") from e
 
 
 def build_backbone(cfg: JudgeConfig) -> nn.Module:

@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, field_validator
 
-from synthgen.errors import ConfigError
+from synthgen.config import YamlConfig
 
 TrainPart = Literal["unet", "mlp", "new", "previous", "all"]
 
@@ -22,7 +21,7 @@ class StageConfig(BaseModel):
     train: list[TrainPart] | None = None
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
     # "pixel" is the UNet2DModel on RGB chips; a latent backend plugs in here later.
@@ -64,20 +63,3 @@ class TrainConfig(BaseModel):
         if not 0.0 <= v <= 1.0:
             raise ValueError("must be a probability in [0, 1]")
         return v
-
-    @classmethod
-    def from_yaml(cls, path: str | Path, **overrides) -> TrainConfig:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"{path}: train config not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: invalid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise ConfigError(f"{path}: expected a mapping at the top level")
-        data.update({k: v for k, v in overrides.items() if v is not None})
-        try:
-            return cls(**data)
-        except ValidationError as e:
-            raise ConfigError(f"{path}: {e}") from e

@@ -5,10 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from detection.train import DetectorTrainConfig
+from synthgen.config import load_yaml_mapping
 from synthgen.errors import ConfigError
 
 # arm id -> (short name, description). Names are what results.json and the report use.
@@ -84,13 +84,7 @@ class BenchmarkConfig(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> BenchmarkConfig:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: benchmark config not found")
-        try:
-            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            line = getattr(getattr(e, "problem_mark", None), "line", None)
-            raise ConfigError(f"{path}{f':{line + 1}' if line is not None else ''}: not valid YAML ({e})") from e
+        raw = load_yaml_mapping(path)
         base = path.parent
         for key in ("dataset", "taxonomy"):
             if raw.get(key) and not Path(raw[key]).is_absolute():

@@ -11,11 +11,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from diffusers import UNet2DModel
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from synthgen.config import load_yaml_mapping
 from synthgen.errors import SynthgenError
 
 # Size presets. tiny: tests (a CPU step in well under a second at 32 px); small: CPU runs of hours
@@ -61,12 +61,7 @@ def preset_kwargs(preset: str) -> dict:
         return dict(PRESETS[preset])
     path = Path(preset)
     if path.suffix in (".yaml", ".yml"):
-        if not path.exists():
-            raise SynthgenError(f"{path}: model config not found")
-        try:
-            data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        except yaml.YAMLError as e:
-            raise SynthgenError(f"{path}: invalid YAML: {e}") from e
+        data = load_yaml_mapping(path)
         if data.get("preset") in PRESETS:
             data = {**PRESETS[data.pop("preset")], **data}
         unknown = set(data) - set(PRESETS["large"]) - {"dropout", "resnet_time_scale_shift", "act_fn", "downsample_type", "upsample_type"}

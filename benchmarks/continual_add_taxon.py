@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,15 +24,6 @@ AQUARIUM = REPO.parent / "shared" / "data" / "aquarium"
 TAXA = REPO / "configs" / "taxonomy" / "aquarium.csv"
 NEW = "starfish"
 
-
-def _subset(src: Path, out: Path, keep) -> Path:
-    rows = [json.loads(x) for x in (src / "manifest.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if keep(r["label"])]
-    for r in rows:
-        (out / r["file"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / r["file"], out / r["file"])
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
 
 
 def main() -> None:
@@ -51,7 +41,7 @@ def main() -> None:
 
     import torch
 
-    from detection.chips import ChipConfig, make_chips
+    from detection.chips import ChipConfig, make_chips, subset_chips
     from synthgen.continual import (
         CentroidJudge,
         ContinualConfig,
@@ -67,7 +57,7 @@ def main() -> None:
     cc = ChipConfig(size=32, max_per_class=args.per_class)
     make_chips(AQUARIUM, work / "train-all", cc, taxonomy=TAXA, split="train")
     make_chips(AQUARIUM, work / "valid", cc, taxonomy=TAXA, split="val")
-    old = _subset(work / "train-all", work / "train-old", lambda lb: lb != NEW)
+    old = subset_chips(work / "train-all", work / "train-old", lambda lb: lb != NEW)
     t0 = time.time()
     cfg = TrainConfig(preset="tiny", image_size=32, mode="flat", steps_per_stage=args.base_steps, batch_size=args.batch,
                       warmup_steps=20, checkpoint_every=200, log_every=10, device="cpu", threads=args.threads,

@@ -9,7 +9,9 @@ skips chips already in the manifest, so a killed job resumes without duplicates.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 from typing import Literal
 
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from detection.dataset import DetectionDataset, read_dataset
 from detection.errors import DataError
-from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl, write_json
+from synthgen.io_utils import JsonlAppender, atomic_save_image, atomic_write, read_jsonl, write_json
 
 
 class ChipConfig(BaseModel):
@@ -176,3 +178,18 @@ def _check_config(out: Path, cfg: ChipConfig, taxonomy: str | Path | None) -> No
                             file=meta)
     else:
         write_json(meta, want)
+
+
+def subset_chips(src: str | Path, out: str | Path, keep: Callable[[str], bool]) -> Path:
+    """A new chips folder with only the rows of `src` whose label passes `keep` (PNGs copied,
+    taxonomy.json kept): e.g. the chips of the new taxa for `synthgen train --add-taxa`."""
+    src, out = Path(src), Path(out)
+    rows = [r for r in read_jsonl(src / "manifest.jsonl") if keep(r["label"])]
+    for r in rows:
+        (out / r["file"]).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src / r["file"], out / r["file"])
+    if (src / "taxonomy.json").is_file():
+        shutil.copy2(src / "taxonomy.json", out / "taxonomy.json")
+    with atomic_write(out / "manifest.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    return out

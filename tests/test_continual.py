@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from detection.chips import ChipConfig, make_chips
+from detection.chips import ChipConfig, make_chips, subset_chips
 from synthgen.continual import (
     ContinualConfig,
     add_taxa,
@@ -28,25 +27,14 @@ TAXA_FILE = REPO / "configs/taxonomy/aquarium.csv"
 NEW = "starfish"
 
 
-def split_chips(src: Path, out: Path, keep) -> Path:
-    """A chips folder holding only the rows of `src` whose label passes `keep` (PNGs copied)."""
-    rows = [json.loads(x) for x in (src / "manifest.jsonl").read_text().splitlines() if x.strip()]
-    rows = [r for r in rows if keep(r["label"])]
-    for r in rows:
-        (out / r["file"]).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(src / r["file"], out / r["file"])
-    shutil.copy(src / "taxonomy.json", out / "taxonomy.json")
-    (out / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return out
-
 
 @pytest.fixture(scope="module")
 def world(aquarium, tmp_path_factory):
     """Real aquarium chips (7 taxa), a tiny base model trained without starfish."""
     root = tmp_path_factory.mktemp("continual")
     make_chips(aquarium, root / "all", ChipConfig(size=32, max_per_class=6), taxonomy=TAXA_FILE, progress=False)
-    old = split_chips(root / "all", root / "old", lambda lb: lb != NEW)
-    new = split_chips(root / "all", root / "new", lambda lb: lb == NEW)
+    old = subset_chips(root / "all", root / "old", lambda lb: lb != NEW)
+    new = subset_chips(root / "all", root / "new", lambda lb: lb == NEW)
     cfg = TrainConfig(preset="tiny", image_size=32, mode="flat", steps_per_stage=4, batch_size=4, warmup_steps=1,
                       checkpoint_every=100, log_every=1, device="cpu", ema_decay=0.9)
     train(cfg, root / "base", chips=old, progress=False)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import shutil
 from pathlib import Path
@@ -19,7 +18,7 @@ import numpy as np
 from pydantic import ConfigDict, Field
 
 from synthgen.config import YamlConfig
-from synthgen.io_utils import atomic_write, write_json
+from synthgen.io_utils import atomic_write, write_json, write_jsonl
 from synthgen.scoring.base import Pool, Scorer, ScoringError, batched, load_image, normalize
 
 REASONS = ("low_score", "near_copy", "duplicate", "not_top_k")
@@ -107,12 +106,6 @@ def _place(src: Path, dst: Path, how: str) -> None:
     else:
         shutil.copy2(src, tmp)
     os.replace(tmp, dst)
-
-
-def _write_manifest(path: Path, rows: list[dict]) -> None:
-    with atomic_write(path, "w", encoding="utf-8") as f:
-        for r in rows:
-            f.write(json.dumps(r, default=str) + "\n")
 
 
 def decide(rows: list[dict], scores: dict[str, dict], emb: np.ndarray, key: str, cfg: FilterConfig,
@@ -227,8 +220,8 @@ def filter_pool(pool_dir: str | Path, scorer: Scorer, out: str | Path | None, cf
     if not in_place:
         for row in kept_rows:
             _place(pool.path(row), out / row["file"], cfg.link)
-    _write_manifest(rej_dir / "manifest.jsonl", rej_rows)
-    _write_manifest(out / "manifest.jsonl", kept_rows)
+    write_jsonl(rej_dir / "manifest.jsonl", rej_rows)
+    write_jsonl(out / "manifest.jsonl", kept_rows)
 
     per_taxon: dict[str, dict] = {}
     for r, why in zip(pool.rows, reasons, strict=True):

@@ -49,6 +49,12 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         f.write("\n")
 
 
+def write_jsonl(path: str | os.PathLike, rows: Any) -> None:
+    """Write a whole JSONL manifest atomically (readers never see half of it)."""
+    with atomic_write(path, "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r, default=str) + "\n" for r in rows)
+
+
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
     """Read a JSONL manifest; a torn last line (killed writer) is ignored, any other bad line is an error."""
     from synthgen.errors import SynthgenError

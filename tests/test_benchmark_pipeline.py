@@ -44,6 +44,9 @@ def _cfg(seals, configs, conf=0.25, arms=None) -> BenchmarkConfig:
         generator={"preset": "tiny", "image_size": 32, "steps_per_stage": 2, "batch_size": 4, "warmup_steps": 1,
                    "checkpoint_every": 3, "device": "cpu"},
         generate={"n": 4, "steps": 2, "batch_size": 4, "device": "cpu"},
+        # the judge trains on the cell's real chips; a threshold below any cosine keeps every noise chip
+        filter={"score": "centroid_cos", "threshold": -1.0, "dedup_cosine": None,
+                "judge": {"epochs": 1, "img_size": 32, "batch_size": 8, "device": "cpu"}},
         # a 2-step tiny generator makes noise: accept any mask so its tiles still reach the detector
         compose={"config": str(configs / "compose" / "glacierbay-seals.yaml"),
                  "mask": {"min_area": 0.0, "max_area": 100.0, "max_edges_touched": 4, "max_second_blob": 100.0}},
@@ -75,6 +78,13 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
     assert chips and set(chips) <= real  # the generator saw only this cell's real training images
     synth = (cell / "compose-synthgen" / "train_synthetic.txt").read_text().split()
     assert len(synth) == 4
+    # the filter's judge and its calibration chips come from this cell's real chips only
+    ref = [json.loads(x) for x in (cell / "filtered" / "reference" / "manifest.jsonl").read_text().splitlines()]
+    assert {r["split"] for r in ref} <= {"train", "val"} and {r["source_image"] for r in ref} <= real
+    kept = (cell / "filtered" / "kept" / "manifest.jsonl").read_text().splitlines()
+    assert len(kept) == 4 and (cell / "filtered" / "judge" / "judge.safetensors").is_file()
+    pasted = {json.loads(x)["pool"] for x in (cell / "compose-synthgen" / "provenance.jsonl").read_text().splitlines()}
+    assert pasted == {str((cell / "filtered" / "kept").resolve())}
     test_imgs = set(json.loads(json.dumps(res["split"]))["counts"]) and {
         p for p in (work / "split" / "test.txt").read_text().split()}
     assert not test_imgs & real
@@ -93,9 +103,9 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
     # changing an evaluation setting redoes the evaluations only: no data, generator or detector stage
     res3 = run_benchmark(_cfg(seals, configs, conf=0.5), "tiny", out, work, device="cpu", progress=False)
     assert res3["stages"]["ran"] == 5
-    # split, subset, chips (x2: copy-paste and synthgen share it), generator, generated, 2 composes,
-    # 5 detectors + synth_only reused by pretrain_finetune
-    assert res3["stages"]["cached"] == 14
+    # split, subset, chips (x2: copy-paste and synthgen share it), generator, generated, filtered,
+    # 2 composes, 5 detectors + synth_only reused by pretrain_finetune
+    assert res3["stages"]["cached"] == 15
     assert [r["map50"] for r in res3["runs"]] == [r["map50"] for r in runs]  # mAP does not use the threshold
 
 

@@ -36,6 +36,10 @@ class ScaleConfig(BaseModel):
     generator: dict[str, Any] = Field(default_factory=dict, description="synthgen.train TrainConfig fields")
     generate: dict[str, Any] = Field(default_factory=dict, description="n, query and GenerateConfig fields")
     compose: dict[str, Any] = Field(default_factory=dict, description="synthgen.compose ComposeConfig fields")
+    filter: dict[str, Any] | None = Field(
+        default_factory=dict, description="synthgen.filter FilterConfig fields, plus scorer (judge: trained on the "
+        "cell's real chips; or bioclip[:PATH] / clip:NAME), judge (JudgeConfig fields) and val_fraction "
+        "(held-out real chips for calibration); null skips filtering")
     eval_imgsz: int | None = Field(None, description="inference size on test images (default: detector imgsz)")
     eval_conf: float = 0.001  # low threshold for mAP; PRF1/counts use `operating_conf`
     operating_conf: float = 0.25

@@ -1,5 +1,5 @@
 """The benchmark pipeline: split -> per (fraction, seed) cell: subset, chips, generator, generate,
-compose -> detectors per arm -> evaluation on the real test split -> report.
+filter, compose -> detectors per arm -> evaluation on the real test split -> report.
 
 Split protocol (documented in every report): the dataset's `test_split` (e.g. `valid`) is the
 test set; it is real, and never seen by the generator, the judge or any detector. The given
@@ -123,6 +123,12 @@ class Benchmark:
             self.cache.run(f"{cell}/generated", pool_key, lambda d: {"dir": str(synthetic.generate(
                 self.work / cell / "generator", d, seed=seed, **s.generate))}, resumable=True)
             pool = self.work / cell / "generated"
+            if s.filter is not None:
+                pool_key = stage_hash("filter", pool_key, chips_key, s.filter, seed)
+                self.cache.run(f"{cell}/filtered", pool_key, lambda d: {"dir": str(synthetic.filter_generated(
+                    self.work / cell / "generated", self.work / cell / "chips", d, seed=seed, **s.filter))},
+                    resumable=True)
+                pool = self.work / cell / "filtered" / "kept"
         key = stage_hash("compose", kind, pool_key, s.compose, s.synthetic_images, seed)
         self.cache.run(f"{cell}/compose-{kind}", key, lambda d: {"list": str(synthetic.compose(
             c.dataset, pool, source_list, d, n_images=s.synthetic_images, seed=seed, **s.compose))},

@@ -2,8 +2,8 @@
 
 Each adapter turns one cell's real training subset into a folder holding `train_synthetic.txt`
 (composed tiles with YOLO labels beside them), via the library functions of chips (detection),
-generator training (synthgen.train), generation (synthgen.pipelines) and composition
-(synthgen.compose). If one of those is not importable the stage raises
+generator training (synthgen.train), generation (synthgen.pipelines), filtering (synthgen.filter,
+with a judge trained on the cell's own real chips) and composition (synthgen.compose). If one of those is not importable the stage raises
 `StageUnavailable` with the reason; the pipeline records the arm as not run and the report says
 so, instead of silently reporting fewer arms.
 """
@@ -51,6 +51,41 @@ def generate(model_dir: Path, out: Path, seed: int, n: int = 200, query: str = "
     cfg = _fn("synthgen.pipelines.generate", "GenerateConfig")(**({"seed": seed} | kw))
     _fn("synthgen.pipelines.generate", "generate")(model_dir, query, n, out, cfg, progress=False)
     return out
+
+
+def _reference_chips(chips_dir: Path, out: Path, val_fraction: float) -> Path:
+    """The cell's chips as a reference pool with a held-out part for calibration, split by source
+    image (chips of one tile stay on one side); files point back into `chips_dir`, nothing is copied."""
+    import hashlib
+
+    from synthgen.io_utils import read_jsonl, write_jsonl
+
+    rows = read_jsonl(chips_dir / "manifest.jsonl")
+
+    def held_out(src: str) -> bool:
+        return int(hashlib.sha1(src.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction
+
+    ref = [r | {"file": str((chips_dir / r["file"]).resolve()),
+                "split": "val" if held_out(r.get("source_image", r["file"])) else "train"} for r in rows]
+    out.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out / "manifest.jsonl", ref)
+    return out
+
+
+def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: str = "judge",
+                     judge: dict | None = None, val_fraction: float = 0.2, **kw: Any) -> Path:
+    """Keep generated chips that pass `synthgen filter`; the judge (default) trains on this cell's
+    real chips only, and calibrated thresholds come from its held-out part. Returns the kept pool."""
+    scoring = importlib.import_module("synthgen.scoring")
+    filt = importlib.import_module("synthgen.filter")
+    ref = _reference_chips(chips_dir, out / "reference", val_fraction)
+    if scorer == "judge":
+        scoring.train_judge(ref, out / "judge", scoring.JudgeConfig(**({"seed": seed} | (judge or {}))))
+        sc = scoring.JudgeScorer(out / "judge")
+    else:
+        sc = scoring.load_scorer(scorer, scoring.TaxonSpace.from_rows(scoring.Pool.load(ref).rows))
+    filt.filter_pool(pool, sc, out / "kept", filt.FilterConfig(**kw), reference=ref)
+    return out / "kept"
 
 
 def compose(dataset: str, pool: Path, train_list: Path, out: Path, n_images: int, seed: int, **kw: Any) -> Path:

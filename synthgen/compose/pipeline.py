@@ -43,7 +43,7 @@ from synthgen.compose.placement import (
 )
 from synthgen.compose.scale import DatasetSizes, gsd_from_transform, physical_length_px
 from synthgen.errors import SynthgenError
-from synthgen.io_utils import JsonlAppender, atomic_write, read_jsonl, write_json
+from synthgen.io_utils import JsonlAppender, atomic_write, read_jsonl, write_json, write_jsonl
 
 RASTER_EXT = {".tif", ".tiff"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -453,8 +453,7 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     man_path, prov_path = out / "manifest.jsonl", out / "provenance.jsonl"
     done_rows = {r["output"]: r for r in read_jsonl(man_path)}
     prov_rows = [r for r in read_jsonl(prov_path) if r["tile"] in done_rows]
-    with atomic_write(prov_path) as f:  # drop provenance of tiles killed before their manifest row
-        f.writelines(json.dumps(r) + "\n" for r in prov_rows)
+    write_jsonl(prov_path, prov_rows)  # drop provenance of tiles killed before their manifest row
     todo = [j for j in jobs if j["out_rel"] not in done_rows]
     # provenance is appended with a flush only (one write per tile, no fsync): the fsynced manifest row
     # that follows is the truth, and a rerun drops provenance rows of tiles missing from the manifest

@@ -23,7 +23,14 @@ from tqdm.auto import tqdm
 
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError, SynthgenError
-from synthgen.io_utils import JsonlAppender, atomic_save_image, atomic_write, read_jsonl, write_json
+from synthgen.io_utils import (
+    JsonlAppender,
+    atomic_save_image,
+    atomic_write,
+    read_jsonl,
+    write_json,
+    write_jsonl,
+)
 from synthgen.latent.conditioning import ContextBuilder, TaxonomyConditioner, unet_kwargs
 from synthgen.latent.config import LatentTrainConfig
 from synthgen.latent.data import ImageRows, load_rows, resolve_levels, taxa_table
@@ -224,8 +231,7 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
                                 "use a new output folder or delete the checkpoint folder to start over")
     log_path = out_dir / "loss.jsonl"
     kept = [r for r in read_jsonl(log_path) if r["step"] <= start_step]
-    with atomic_write(log_path, "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in kept)
+    write_jsonl(log_path, kept)
 
     gen = torch.Generator().manual_seed(cfg.seed + start_step)
     rng = random.Random(cfg.seed + start_step)

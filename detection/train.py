@@ -18,7 +18,7 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 os.environ.setdefault("YOLO_OFFLINE", "1")  # read by ultralytics at import: no DNS/online checks
 os.environ.setdefault("YOLO_AUTOINSTALL", "False")  # never pip-install missing extras at run time
@@ -209,8 +209,10 @@ def _trainer_class():
                 dataset = self.build_dataset(dataset_path, mode, batch_size)
             flags = [_norm(f) in synth for f in dataset.im_files]
             world = int(os.environ.get("WORLD_SIZE", 1)) if rank != -1 else 1
+            n_real = len(flags) - sum(flags)
             sampler = RatioSampler(
-                flags, float(ratio), batch_size, seed=int(self.args.seed), rank=max(rank, 0), world_size=world
+                flags, float(ratio), batch_size, seed=int(self.args.seed), rank=max(rank, 0), world_size=world,
+                num_samples=n_real if self.data.get("synthetic_epoch") == "match_real" and ratio < 1 else None,
             )
             nw = min(os.cpu_count() or 1, self.args.workers)
             gen = torch.Generator()
@@ -256,6 +258,9 @@ class DetectorTrainConfig(YamlConfig):
     workers: int = 4
     patience: int = 50
     synthetic_ratio: float | None = Field(None, ge=0.0, le=1.0)
+    synthetic_epoch: Literal["extend", "match_real"] = Field(
+        "extend", description="with a synthetic ratio, an epoch is real/(1-ratio) images (extend: every real image "
+        "once) or as many images as real-only training sees (match_real: equal optimizer steps, for fair arms)")
     amp: bool = True  # only used on CUDA
     overrides: dict[str, Any] = Field(default_factory=dict, description="extra ultralytics train args")
 
@@ -323,7 +328,8 @@ def _prepare_data(cfg: DetectorTrainConfig, out_dir: Path) -> str:
         d["path"] = str(root)
     else:
         real = d.get("train_real", d.get("train"))
-        d.update(path=str(root), train=[real, d["train_synthetic"]], train_real=real, synthetic_ratio=float(ratio))
+        d.update(path=str(root), train=[real, d["train_synthetic"]], train_real=real, synthetic_ratio=float(ratio),
+                 synthetic_epoch=cfg.synthetic_epoch)
     out = out_dir / "data.yaml"
     with atomic_write(out) as f:
         yaml.safe_dump(d, f, sort_keys=False)

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from detection.train import DetectorTrainConfig, RatioSampler, train_detector, write_data_yaml
+from detection.train import DetectorTrainConfig, RatioSampler, _prepare_data, train_detector, write_data_yaml
 from synthgen.errors import SynthgenError
 
 
@@ -86,18 +86,26 @@ def test_train_detector_offline_with_ratio(tiny_lists, tmp_path, monkeypatch, aq
     from detection.train import RatioDetectionTrainer, make_ultralytics_offline
 
     make_ultralytics_offline()
-    trainer = RatioDetectionTrainer(
-        overrides=dict(model="yolov8n.yaml", data=str(out / "data.yaml"), imgsz=64, batch=4, workers=0,
-                       device="cpu", project=str(tmp_path), name="probe", plots=False, amp=False, verbose=False)
-    )
-    trainer._setup_train()
-    loader = trainer.train_loader
-    assert isinstance(loader.sampler, RatioSampler)
     synth = set(tiny_lists["synth"].read_text().split())
-    counts = Counter()
-    for batch in loader:
-        counts.update("synth" if f in synth else "real" for f in batch["im_file"])
+
+    def epoch_counts(data: Path, name: str) -> Counter:
+        trainer = RatioDetectionTrainer(
+            overrides=dict(model="yolov8n.yaml", data=str(data), imgsz=64, batch=4, workers=0, device="cpu",
+                           project=str(tmp_path), name=name, plots=False, amp=False, verbose=False)
+        )
+        trainer._setup_train()
+        assert isinstance(trainer.train_loader.sampler, RatioSampler)
+        counts = Counter()
+        for batch in trainer.train_loader:
+            counts.update("synth" if f in synth else "real" for f in batch["im_file"])
+        return counts
+
+    counts = epoch_counts(out / "data.yaml", "probe")
     assert counts["synth"] == counts["real"] == 4  # 4 real / (1 - 0.5) = 8 images, half synthetic
+    # match_real: the epoch is as long as real-only training's (equal optimizer steps), still half synthetic
+    matched = DetectorTrainConfig(**(cfg.model_dump() | {"synthetic_epoch": "match_real"}))
+    counts = epoch_counts(Path(_prepare_data(matched, tmp_path)), "probe2")
+    assert counts["synth"] == counts["real"] == 2
 
     # finished runs are skipped (no retraining): the marker short-circuits
     mtime = best.stat().st_mtime

@@ -156,6 +156,19 @@ def _md_table(df: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def _filter_line(f: dict | None) -> str:
+    if f is None:
+        return "- Generated instances go to the compositor unfiltered (`filter: null` in the config)."
+    scorer = f.get("scorer", "judge")
+    who = "a judge trained on the cell's real chips" if scorer == "judge" else f"scorer `{scorer}`"
+    mode = f.get("mode", "fixed")
+    rule = {"fixed": f"score >= {f.get('threshold', 0.5)}", "topk": f"top {f.get('top_k', 100)} per taxon",
+            "calibrated": f"score >= the {f.get('percentile', 10.0):g}th percentile of the cell's held-out real "
+                          "chips"}[mode]
+    return (f"- Generated instances are filtered before composing: `{f.get('score', 'p_taxon')}` from {who}, kept if "
+            f"{rule}; near-duplicates and near-copies of training chips are rejected.")
+
+
 def write_report(results: dict, out: str | Path) -> Path:
     """Write results.json, report.md (+ PNGs beside it) and a self-contained report.html."""
     out = Path(out)
@@ -191,11 +204,13 @@ def write_report(results: dict, out: str | Path) -> Path:
           f"- Real fractions {scale['fractions']} drawn by group, stratified by rarest taxon, seeds {scale['seeds']}"
           " (nested across fractions for one seed). Generators see only their cell's real training images.",
           f"- Detector `{det['model']}`, {det['epochs']} epochs, imgsz {det['imgsz']}, batch {det['batch']}, the "
-          f"same for every arm; synthetic share of each batch {scale['synthetic_ratio']} (arms 2, 3).",
+          f"same for every arm; synthetic share of each batch {scale['synthetic_ratio']} (arms 2, 3); "
+          + ("an epoch holds as many images as real-only training's (equal optimizer steps in every arm)."
+             if det.get("synthetic_epoch") == "match_real" else
+             "an epoch shows every real image once, so arms 2 and 3 take more optimizer steps than arm 1."),
           f"- Metrics on the test set: COCO-style mAP50 / mAP50-95 (own evaluator), P/R/F1 at IoU 0.4 and "
           f"count error per image at score >= {scale['operating_conf']}.",
-          "- Generated instances go to the compositor unfiltered: the filter stage (BioCLIP/CLIP/judge "
-          "scores) is not wired into this pipeline yet.",
+          _filter_line(scale.get("filter")),
           f"- The hidden test splits of the dataset are the final judge; nothing was tuned on `{cfg['test_split']}`.",
           ""]
     if results.get("skipped_arms"):

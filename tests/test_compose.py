@@ -16,7 +16,7 @@ from PIL import Image
 from synthgen.compose import ComposeConfig, augment_dataset, compose_tile
 from synthgen.compose.blend import estimate_jpeg_quality
 from synthgen.compose.config import BlendConfig, MaskConfig
-from synthgen.compose.masks import estimate_mask
+from synthgen.compose.masks import check_mask, estimate_mask
 from synthgen.compose.pipeline import _init_worker
 from synthgen.compose.scale import DatasetSizes
 from synthgen.errors import SynthgenError
@@ -69,6 +69,29 @@ def test_implausible_masks_are_rejected_with_a_reason():
     cut = _ellipse_chip(axes=(60, 10))
     r = estimate_mask(cut)
     assert r.mask is None and "edge" in r.reason
+
+
+@pytest.mark.parametrize("region", [(30, 3, 60, 33), (60, 3, 87, 40)])
+def test_mask_does_not_leak_into_an_adjacent_region_of_the_animal_colour(region):
+    """A dark seal touching dark water that runs out of its box into the chip margin: the mask stays
+    on the seal, so the label is its tight box (GrabCut seeded only from the chip frame grew into
+    the water, up to the chip's top edge)."""
+    chip = _ellipse_chip(axes=(34, 14), fg=(30, 30, 30), noise=8)
+    x0, y0, x1, y1 = region
+    chip[y0:y1, x0:x1] = np.clip(chip[y0:y1, x0:x1].astype(int) - 190, 0, 255)  # ~45 grey, like the seal
+    res = estimate_mask(chip)
+    assert res.mask is not None, res.reason
+    ys, xs = np.nonzero(res.mask)
+    assert np.allclose([xs.min(), ys.min(), xs.max(), ys.max()], [11, 31, 79, 59], atol=1), res.method
+
+
+def test_mask_disagreeing_with_the_chip_box_is_rejected():
+    """Chips centre the animal with its longer side spanning the central box: an off-centre
+    fragment is not the chip's animal."""
+    m = np.zeros((90, 90), np.uint8)
+    cv2.ellipse(m, (55, 50), (22, 8), 0, 0, 360, 255, -1)  # off-centre, 2/3 of the box long
+    assert check_mask(m, MaskConfig())[1].startswith("mask box disagrees")
+    assert check_mask(m, MaskConfig(min_box_iou=0.2))[0] is not None
 
 
 # --- label correctness ----------------------------------------------------------------------------

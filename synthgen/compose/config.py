@@ -14,16 +14,29 @@ class _Strict(YamlConfig):
 
 
 class MaskConfig(_Strict):
-    """Foreground estimation: GrabCut seeded with the chip's central box, colour fallback."""
+    """Foreground estimation: GrabCut seeded with the chip's central box, colour fallback. Chips are
+    cut with the animal's box centred and its longer side spanning the central box, so a mask is
+    confined to that box (plus `box_pad`) and must agree with it."""
 
     margin: float = Field(0.15, ge=0.0, le=1.0, description="chip margin around the box (chips use 0.15)")
     grabcut_iters: int = Field(4, ge=1)
     max_side: int = Field(160, ge=16, description="chips are downscaled to this for GrabCut (speed)")
+    denoise: Literal[0, 3, 5] = Field(3, description="median filter size before GrabCut (drone tiles carry salt-and-"
+                         "pepper speckle that splits the colour models); 0: off")
+    fg_core: float = Field(0.15, gt=0.0, le=0.5, description="semi-axes of the sure-foreground disc at the chip "
+                           "centre, as a fraction of the central box (0.08 left seal bodies unclaimed)")
+    box_pad: int = Field(2, ge=0, description="px beyond the central box a mask may reach (rounding, resize); "
+                         "outside it is sure background")
     min_area: float = Field(0.12, description="min mask area as a fraction of the central box")
     max_area: float = Field(1.25, description="max mask area as a fraction of the central box")
-    max_edges_touched: int = Field(0, ge=0, le=4, description="0: a mask touching any chip edge is a cut-off "
-                                   "animal (rejected); 3: only reject masks touching all four")
+    edge_contact: float = Field(0.3, ge=0.0, le=1.0, description="a mask presses against a side of the padded "
+                                "central box when more than this fraction of its extent lies on that side")
+    max_edges_touched: int = Field(0, ge=0, le=4, description="0: a mask pressing against any side of the padded "
+                                   "central box is a cut-off animal or leaked background (rejected); 3: only "
+                                   "reject masks pressing against all four")
     max_second_blob: float = Field(0.35, description="reject if 2nd component >= this x largest")
+    min_box_iou: float = Field(0.5, ge=0.0, le=1.0, description="min IoU of the mask's tight box with the box "
+                               "the chip implies (centred, longer side spanning the central box)")
 
 
 class ScaleConfig(_Strict):

@@ -48,10 +48,38 @@ def _core(h: int, w: int, cfg: MaskConfig, frac: float) -> np.ndarray:
     return m
 
 
+def _frame(h: int, w: int, cfg: MaskConfig) -> tuple[int, int, int, int]:
+    """The central box grown by `box_pad` px, clipped to the chip: where the animal can be."""
+    x0, y0, x1, y1 = central_box(h, w, cfg.margin)
+    p = cfg.box_pad
+    return max(x0 - p, 0), max(y0 - p, 0), min(x1 + p, w), min(y1 + p, h)
+
+
+def implied_box_iou(m: np.ndarray, cfg: MaskConfig) -> float:
+    """IoU of the mask's tight box with the box the chip implies: centred on the central box, its
+    longer side spanning it. The smallest such box covering the mask is compared, so an off-centre
+    mask (leak to one side) or one far shorter than the box (a fragment) scores low."""
+    h, w = m.shape
+    x0, y0, x1, y1 = central_box(h, w, cfg.margin)
+    ys, xs = np.nonzero(m)
+    mx0, my0, mx1, my1 = xs.min(), ys.min(), xs.max() + 1, ys.max() + 1
+    cx, cy, sx, sy = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2, (y1 - y0) / 2
+    hx, hy = max(cx - mx0, mx1 - cx), max(cy - my0, my1 - cy)
+    if hx / sx >= hy / sy:
+        hx = max(hx, sx)
+    else:
+        hy = max(hy, sy)
+    return float((mx1 - mx0) * (my1 - my0) / (4 * hx * hy))
+
+
 def check_mask(mask: np.ndarray, cfg: MaskConfig) -> tuple[np.ndarray | None, str | None]:
-    """Keep the component on the chip centre (holes filled); return (mask, None) or (None, reason)."""
+    """Trim to the padded central box, keep the component on the chip centre (holes filled), and
+    return (mask, None), or (None, reason) when the mask cannot be the chip's animal."""
     h, w = mask.shape
-    lab, areas = _components(mask)
+    fx0, fy0, fx1, fy1 = _frame(h, w, cfg)
+    trimmed = np.zeros((h, w), np.uint8)
+    trimmed[fy0:fy1, fx0:fx1] = mask[fy0:fy1, fx0:fx1] > 0
+    lab, areas = _components(trimmed)
     if not areas:
         return None, "empty mask"
     core = _core(h, w, cfg, 0.15) > 0
@@ -73,26 +101,36 @@ def check_mask(mask: np.ndarray, cfg: MaskConfig) -> tuple[np.ndarray | None, st
         return None, f"mask too small ({frac:.2f} of the box)"
     if frac > cfg.max_area:
         return None, f"mask too large ({frac:.2f} of the box)"
-    # GrabCut keeps a 1 px frame as sure background, so "touching" means reaching the second row/column
-    touched = int(m[:2].any()) + int(m[-2:].any()) + int(m[:, :2].any()) + int(m[:, -2:].any())
+    # an animal ends inside its box; a mask lying along a side of the frame over a good part of its
+    # extent was cut there: the animal is cut off (tile edge, padding) or background leaked in
+    ys, xs = np.nonzero(m)
+    ex, ey = np.ptp(xs) + 1, np.ptp(ys) + 1
+    contact = (m[:, fx0].sum() / ey, m[:, fx1 - 1].sum() / ey, m[fy0].sum() / ex, m[fy1 - 1].sum() / ex)
+    touched = sum(c > cfg.edge_contact for c in contact)
     if touched == 4:
-        return None, "mask touches all four chip edges"
+        return None, "mask presses against all four edges of the central box"
     if touched > cfg.max_edges_touched:
-        return None, f"mask touches {touched} chip edge(s): the animal is cut off or padding leaked in"
+        return None, (f"mask presses against {touched} edge(s) of the central box: the animal is cut off "
+                      "or background leaked in")
+    iou = implied_box_iou(m, cfg)
+    if iou < cfg.min_box_iou:
+        return None, f"mask box disagrees with the chip's box (IoU {iou:.2f})"
     return m * 255, None
 
 
 def _grabcut(rgb: np.ndarray, cfg: MaskConfig) -> np.ndarray:
-    """GrabCut initialised from a mask: a 1 px chip frame sure background, the rest probably
-    background, an inscribed ellipse probably foreground, a small centre core surely foreground."""
+    """GrabCut initialised from a mask: outside the padded central box sure background (the animal's
+    box is the central box, and a firm surround stops leaks into ice or water of the animal's
+    colour), inside probably foreground, a small centre core surely foreground."""
     h, w = rgb.shape[:2]
+    fx0, fy0, fx1, fy1 = _frame(h, w, cfg)
     gc = np.full((h, w), cv2.GC_BGD, np.uint8)
-    gc[1:-1, 1:-1] = cv2.GC_PR_BGD
-    gc[_core(h, w, cfg, 0.45) > 0] = cv2.GC_PR_FGD
-    gc[_core(h, w, cfg, 0.08) > 0] = cv2.GC_FGD
+    gc[max(fy0, 1):min(fy1, h - 1), max(fx0, 1):min(fx1, w - 1)] = cv2.GC_PR_FGD
+    gc[_core(h, w, cfg, cfg.fg_core) > 0] = cv2.GC_FGD
+    img = cv2.medianBlur(rgb, cfg.denoise) if cfg.denoise else rgb
     bgd, fgd = np.zeros((1, 65), np.float64), np.zeros((1, 65), np.float64)
     cv2.setRNGSeed(0)  # GrabCut's k-means init draws from OpenCV's global RNG: same mask in any process
-    cv2.grabCut(np.ascontiguousarray(rgb[..., ::-1]), gc, None, bgd, fgd, cfg.grabcut_iters,
+    cv2.grabCut(np.ascontiguousarray(img[..., ::-1]), gc, None, bgd, fgd, cfg.grabcut_iters,
                 cv2.GC_INIT_WITH_MASK)
     return np.isin(gc, (cv2.GC_FGD, cv2.GC_PR_FGD)).astype(np.uint8)
 

@@ -20,6 +20,11 @@ def test_stage_cache_skips_reruns_and_rebuilds_on_change(tmp_path):
         return {"n": len(calls)}
 
     c = StageCache(tmp_path)
+    cfg = tmp_path / "compose.yaml"
+    cfg.write_text("count: {mean: 4}\n")
+    before = stage_hash({"config": str(cfg)})
+    cfg.write_text("count: {mean: 5}\n")
+    assert stage_hash({"config": str(cfg)}) != before  # a named config file hashes by content
     assert c.run("a", stage_hash({"lr": 1}), build) == {"n": 1}
     assert c.run("a", stage_hash({"lr": 1}), build) == {"n": 1} and calls == ["a"]
     assert c.run("a", stage_hash({"lr": 2}), build) == {"n": 2}
@@ -49,7 +54,8 @@ def _cfg(seals, configs, conf=0.25, arms=None) -> BenchmarkConfig:
                 "judge": {"epochs": 1, "img_size": 32, "batch_size": 8, "device": "cpu"}},
         # a 2-step tiny generator makes noise: accept any mask so its tiles still reach the detector
         compose={"config": str(configs / "compose" / "glacierbay-seals.yaml"),
-                 "mask": {"min_area": 0.0, "max_area": 100.0, "max_edges_touched": 4, "max_second_blob": 100.0}},
+                 "mask": {"min_area": 0.0, "max_area": 100.0, "max_edges_touched": 4, "max_second_blob": 100.0,
+                          "min_box_iou": 0.0}},
     )
     return BenchmarkConfig(
         name="seals-tiny", dataset=str(seals), taxonomy=str(configs / "taxonomy" / "glacierbay-seals.csv"),

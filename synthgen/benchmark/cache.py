@@ -18,9 +18,21 @@ from typing import Any
 from synthgen.io_utils import write_json
 
 
+def _with_file_contents(x: Any) -> Any:
+    """Config values naming a YAML file (e.g. `compose: {config: configs/compose/X.yaml}`) hash by
+    content too, so editing that file redoes the stage."""
+    if isinstance(x, dict):
+        return {k: _with_file_contents(v) for k, v in x.items()}
+    if isinstance(x, list | tuple):
+        return [_with_file_contents(v) for v in x]
+    if isinstance(x, str) and x.endswith((".yaml", ".yml")) and Path(x).is_file():
+        return {"file": x, "sha256": hashlib.sha256(Path(x).read_bytes()).hexdigest()}
+    return x
+
+
 def stage_hash(*parts: Any) -> str:
     """Stable hash of JSON-able parts (pydantic models via model_dump)."""
-    norm = [p.model_dump(mode="json") if hasattr(p, "model_dump") else p for p in parts]
+    norm = [_with_file_contents(p.model_dump(mode="json") if hasattr(p, "model_dump") else p) for p in parts]
     return hashlib.sha256(json.dumps(norm, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -401,6 +401,8 @@ def evaluate_samples_cmd(
                                                  "(default: --real)"),
     features: str = typer.Option(..., help="judge:DIR | bioclip[:PATH] | clip:NAME[:TAG|PATH]"),
     k: int = typer.Option(3, help="neighbours for precision/recall"),
+    lpips: Path | None = typer.Option(None, help="local LPIPS weights (.safetensors/.pth): adds per-taxon "
+                                                 "LPIPS diversity"),
     batch: int = typer.Option(64),
     device: str = typer.Option("auto"),
 ) -> None:
@@ -410,14 +412,16 @@ def evaluate_samples_cmd(
 
     try:
         sc = _scorer(features, [generated, real], device, batch)
-        res = evaluate_samples(generated, real, sc, out, train=train, k=k)
+        res = evaluate_samples(generated, real, sc, out, train=train, k=k, lpips=lpips, device=device)
     except (SynthgenError, ValueError) as e:
         _fail(e)
     o = res["overall"]
     console.print(f"FD {o['fd']['generated']:.2f} (real floor {o['fd']['real']:.2f}), KID {o['kid']['generated']:.4f} "
                   f"(floor {o['kid']['real']:.4f}), precision {o['precision']['generated']:.2f} / recall "
                   f"{o['recall']['generated']:.2f}, accuracy {o['taxon_accuracy']['generated']:.2f} "
-                  f"(real {o['taxon_accuracy']['real']:.2f}) -> {Path(out) / 'sample_quality.md'}")
+                  f"(real {o['taxon_accuracy']['real']:.2f})"
+                  + (f", LPIPS diversity {o['lpips_diversity']['generated']:.3f} (real {o['lpips_diversity']['real']:.3f})"
+                     if lpips else "") + f" -> {Path(out) / 'sample_quality.md'}")
 
 
 # --- augment-dataset (compose) --------------------------------------------------------------

@@ -4,18 +4,26 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
+import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from PIL import Image
 from test_scoring import LINEAGE, tiny_chips, tiny_judge
 from typer.testing import CliRunner
 
+from synthgen.errors import SynthgenError
 from synthgen.metrics import (
     evaluate_samples,
     frechet_distance,
     kid,
+    load_lpips,
+    lpips_distance,
     mean_pairwise_distance,
+    mean_pairwise_lpips,
     nearest_distance,
     precision_recall,
 )
@@ -67,6 +75,80 @@ def test_diversity_and_nearest_by_hand():
     np.testing.assert_allclose(d, [0, 1 - np.cos(np.pi / 4)], atol=1e-7)
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    def deny(*a, **k):
+        raise OSError("network denied in test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", deny)
+    monkeypatch.setattr(socket.socket, "connect", deny)
+
+
+def _lpips_file(path: Path) -> Path:
+    """What a user saves on a machine with internet, but with a random AlexNet backbone (no download)
+    and the package's own linear heads; saved with save_model as the loader's error message says."""
+    import lpips
+    from safetensors.torch import save_model
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        save_model(lpips.LPIPS(net="alex", pretrained=True, pnet_rand=True, verbose=False), str(path))
+    return path
+
+
+def _noise(seed: int, size: tuple[int, int] = (40, 48)) -> Image.Image:
+    return Image.fromarray(np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8))
+
+
+def test_lpips_from_local_file_offline(tmp_path, no_network):
+    from safetensors.torch import load_file
+
+    path = _lpips_file(tmp_path / "alex.safetensors")
+    model = load_lpips(path)
+    assert model.pnet_type == "alex"
+    state = model.state_dict()
+    assert all(torch.equal(state[k], v) for k, v in load_file(path).items())  # backbone too: from the file
+    a, b, c = _noise(1), _noise(2), _noise(3, (64, 30))  # c: other size and aspect, resized to 64 x 64
+    d = lpips_distance(model, [a, a, b, a], [a, b, a, c])
+    assert d[0] == pytest.approx(0, abs=1e-6) and d[1] > 1e-4 and d[3] > 1e-4
+    assert d[1] == pytest.approx(d[2], rel=1e-5)  # symmetric
+    # the same weights as a .pth (lin0 and its lins.0 alias both present) give the same distances
+    torch.save(model.state_dict(), tmp_path / "alex.pth")
+    np.testing.assert_allclose(lpips_distance(load_lpips(tmp_path / "alex.pth"), [a, b], [b, a]), d[[1, 2]],
+                               rtol=1e-5)
+    assert mean_pairwise_lpips(model, [a] * 5) == (pytest.approx(0, abs=1e-6), 10)  # all 10 pairs, all identical
+    imgs = [_noise(s) for s in range(30)]
+    files = []
+    for i, im in enumerate(imgs):
+        im.save(tmp_path / f"{i}.png")
+        files.append(tmp_path / f"{i}.png")
+    v, n = mean_pairwise_lpips(model, imgs, max_pairs=12, seed=3)
+    assert n == 12 and v > 1e-4  # capped: 435 pairs exist
+    assert mean_pairwise_lpips(model, files, max_pairs=12, seed=3) == (pytest.approx(v, rel=1e-5), 12)
+    assert mean_pairwise_lpips(model, imgs[:1]) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_lpips_bad_files_name_the_file_and_the_fix(tmp_path):
+    import lpips
+
+    with pytest.raises(SynthgenError, match=r"nope\.safetensors: LPIPS weights file not found.*save_model"):
+        load_lpips(tmp_path / "nope.safetensors")
+    (tmp_path / "junk.safetensors").write_bytes(b"not a tensor file")
+    with pytest.raises(SynthgenError, match=r"junk\.safetensors: cannot read LPIPS weights.*save_model"):
+        load_lpips(tmp_path / "junk.safetensors")
+    (tmp_path / "w.bin").write_bytes(b"x")
+    with pytest.raises(SynthgenError, match=r"w\.bin: LPIPS weights must be \.safetensors or \.pth"):
+        load_lpips(tmp_path / "w.bin")
+    # the package's bundled file holds only the linear heads: the backbone keys are missing
+    heads = Path(lpips.__file__).parent / "weights" / "v0.1" / "alex.pth"
+    with pytest.raises(SynthgenError, match=r"alex\.pth: keys do not match LPIPS net 'alex' \(missing \['net\."):
+        load_lpips(heads)
+    full = _lpips_file(tmp_path / "alex.safetensors")
+    with pytest.raises(SynthgenError, match=r"alex\.safetensors: holds LPIPS net 'alex', not the requested 'vgg'"):
+        load_lpips(full, net="vgg")
+
+
 def _pool_from(tmp: Path, split: str, relabel: dict[str, str] | None = None) -> Path:
     """A generated-style pool made of real chips of `split` (optionally claimed as other labels)."""
     chips = Pool.load(tiny_chips(), split=split)
@@ -111,16 +193,28 @@ def test_evaluate_samples_floor_memorisation_and_accuracy(tmp_path):
     assert "| Fréchet distance |" in md and "| phylum |" in md
 
 
-def test_evaluate_samples_cli(tmp_path):
+def test_evaluate_samples_cli(tmp_path, no_network):
     from cli import app
 
     judge_dir, _ = tiny_judge()
     gen = _pool_from(tmp_path / "gen", "valid")
+    weights = _lpips_file(tmp_path / "lpips_alex.safetensors")
     res = CliRunner().invoke(app, ["evaluate-samples", "--generated", str(gen), "--real", str(tiny_chips()),
                                    "--features", f"judge:{judge_dir}", "--out", str(tmp_path / "rep"),
-                                   "--device", "cpu"])
+                                   "--device", "cpu", "--lpips", str(weights)])
     assert res.exit_code == 0, res.output
-    assert "FD " in res.output and (tmp_path / "rep" / "sample_quality.md").is_file()
+    assert "FD " in res.output and "LPIPS diversity" in res.output
+    md = (tmp_path / "rep" / "sample_quality.md").read_text()
+    assert "| LPIPS gen | LPIPS real |" in md and "| diversity (mean pairwise LPIPS) |" in md
+    s = json.loads((tmp_path / "rep" / "sample_quality.json").read_text())
+    assert s["lpips"] == {"file": str(weights), "net": "alex"}
+    for d in s["per_taxon"].values():  # "generated" = the held-out chips: same pairs, same figure as the floor
+        assert d["lpips_pairs_generated"] == d["lpips_pairs_real"] == 256  # 25 chips: 300 pairs, capped
+        assert d["lpips_generated"] == pytest.approx(d["lpips_real"], rel=1e-5) and d["lpips_generated"] > 0
+    res = CliRunner().invoke(app, ["evaluate-samples", "--generated", str(gen), "--real", str(tiny_chips()),
+                                   "--features", f"judge:{judge_dir}", "--out", str(tmp_path / "y"),
+                                   "--lpips", str(tmp_path / "none.safetensors")])
+    assert res.exit_code == 1 and "none.safetensors" in res.output and "save_model" in res.output
     res = CliRunner().invoke(app, ["evaluate-samples", "--generated", str(tmp_path / "missing"), "--real",
                                    str(tiny_chips()), "--features", f"judge:{judge_dir}", "--out", str(tmp_path / "x")])
     assert res.exit_code == 1 and "manifest.jsonl" in res.output

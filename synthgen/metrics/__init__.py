@@ -8,6 +8,7 @@ from synthgen.metrics.distribution import (
     precision_recall,
 )
 from synthgen.metrics.evaluate import evaluate_samples
+from synthgen.metrics.lpips import load_lpips, lpips_distance, mean_pairwise_lpips
 
-__all__ = ["evaluate_samples", "frechet_distance", "kid", "mean_pairwise_distance", "nearest_distance",
-           "precision_recall"]
+__all__ = ["evaluate_samples", "frechet_distance", "kid", "load_lpips", "lpips_distance", "mean_pairwise_distance",
+           "mean_pairwise_lpips", "nearest_distance", "precision_recall"]

@@ -20,6 +20,7 @@ from synthgen.metrics.distribution import (
     nearest_distance,
     precision_recall,
 )
+from synthgen.metrics.lpips import load_lpips, mean_pairwise_lpips
 from synthgen.scoring.base import Pool, Scorer, ScoringError, load_image
 from synthgen.scoring.judge import _val_split
 
@@ -56,24 +57,33 @@ def markdown(res: dict) -> str:
     o = res["overall"]
     lines = [f"# Sample quality: {res['generated']}", "",
              f"features: `{res['features']}`; generated {res['n']['generated']}, real held-out "
-             f"{res['n']['real']}, train {res['n']['train']} chips", "",
+             f"{res['n']['real']}, train {res['n']['train']} chips"
+             + (f"; LPIPS {res['lpips']['net']} from `{res['lpips']['file']}`" if res.get("lpips") else ""), "",
              "| metric | generated vs held-out | real train vs held-out (floor) |", "|---|---|---|"]
     for k, label in (("fd", "Fréchet distance"), ("kid", "KID"), ("precision", "precision (k=3)"),
                      ("recall", "recall (k=3)"), ("diversity", "diversity (mean pairwise cos dist)"),
                      ("nn_train_median", "median nearest-train distance"),
+                     ("lpips_diversity", "diversity (mean pairwise LPIPS)"),
                      ("taxon_accuracy", "taxon accuracy (whole lineage right)")):
+        if k not in o:  # LPIPS only with a weights file
+            continue
         lines.append(f"| {label} | {_fmt(o[k]['generated'])} | {_fmt(o[k]['real'])} |")
     lines.append(f"| share closer to train than 5% of real | {_fmt(o['memorised_share'])} | 0.050 |")
     lines += ["", "| level | accuracy generated | accuracy real held-out |", "|---|---|---|"]
     for lv, d in res["accuracy_per_level"].items():
         lines.append(f"| {lv} | {_fmt(d['generated']['accuracy'])} (n={d['generated']['n']}) | "
                      f"{_fmt(d['real']['accuracy'])} (n={d['real']['n']}) |")
-    lines += ["", "| taxon | n gen | n real | FD | FD floor | KID | accuracy gen | accuracy real | diversity gen "
-              "| diversity real |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lp = res.get("lpips") is not None
+    head = ["taxon", "n gen", "n real", "FD", "FD floor", "KID", "accuracy gen", "accuracy real", "diversity gen",
+            "diversity real"] + (["LPIPS gen", "LPIPS real"] if lp else [])
+    lines += ["", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for t, d in res["per_taxon"].items():
-        lines.append(f"| {t} | {d['n_generated']} | {d['n_real']} | {_fmt(d['fd'])} | {_fmt(d['fd_floor'])} | "
-                     f"{_fmt(d['kid'])} | {_fmt(d['accuracy_generated'])} | {_fmt(d['accuracy_real'])} | "
-                     f"{_fmt(d['diversity_generated'])} | {_fmt(d['diversity_real'])} |")
+        cells = [t, d["n_generated"], d["n_real"]] + [_fmt(d[c]) for c in (
+            "fd", "fd_floor", "kid", "accuracy_generated", "accuracy_real", "diversity_generated", "diversity_real")]
+        if lp:
+            cells += [f"{_fmt(d['lpips_generated'])} ({d['lpips_pairs_generated']} pairs)",
+                      f"{_fmt(d['lpips_real'])} ({d['lpips_pairs_real']} pairs)"]
+        lines.append("| " + " | ".join(map(str, cells)) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -103,15 +113,32 @@ def best_worst_png(path: Path, pool: Pool, rows: list[dict], score: np.ndarray, 
     plt.close(fig)
 
 
+def _lpips_diversity(model, gpool: Pool, g_rows: list[dict], rpool: Pool, r_rows: list[dict], seed: int
+                     ) -> dict[str, dict]:
+    """Per taxon, mean pairwise LPIPS of generated chips and of real held-out chips (same pair cap and seed)."""
+    res = {}
+    for t in sorted({r["taxon"] for r in g_rows}):
+        g, n_g = mean_pairwise_lpips(model, [gpool.path(r) for r in g_rows if r["taxon"] == t], seed=seed)
+        r, n_r = mean_pairwise_lpips(model, [rpool.path(x) for x in r_rows if x["taxon"] == t], seed=seed)
+        res[t] = {"lpips_generated": g, "lpips_real": r, "lpips_pairs_generated": n_g, "lpips_pairs_real": n_r}
+    return res
+
+
 def evaluate_samples(generated: str | Path, real: str | Path, scorer: Scorer, out: str | Path,
-                     train: str | Path | None = None, k: int = 3, seed: int = 0) -> dict:
+                     train: str | Path | None = None, k: int = 3, seed: int = 0, lpips: str | Path | None = None,
+                     device: str = "auto") -> dict:
     """All sample-quality metrics of a generated pool vs real chips in the scorer's feature space.
 
     `real`: chips folder whose val/valid split is the held-out reference (all rows if it has no split);
     `train`: chips folder whose train split is the generator's training data (default: `real`).
-    Writes OUT/sample_quality.json, OUT/sample_quality.md and OUT/best_worst.png; returns the dict.
+    `lpips`: local LPIPS weights file; adds mean pairwise LPIPS per taxon (on `device`) beside the
+    feature-space diversity. Writes OUT/sample_quality.json, OUT/sample_quality.md and OUT/best_worst.png;
+    returns the dict.
     """
     out = Path(out)
+    lpips_model = None
+    if lpips is not None:  # load first: a bad weights file fails before any embedding work
+        lpips_model = load_lpips(lpips, device=device)
     gpool, rpool = Pool.load(generated), Pool.load(real)
     tpool = Pool.load(train) if train else rpool
     known = list(scorer.space.lineages)
@@ -163,9 +190,16 @@ def evaluate_samples(generated: str | Path, real: str | Path, scorer: Scorer, ou
             "nn_train_median_generated": float(np.median(nn_g[ga == t])),
             "nn_train_median_real": float(np.median(nn_r[ra == t])) if (ra == t).any() else None,
         }
+    if lpips_model is not None:
+        lp = _lpips_diversity(lpips_model, gpool, g_rows, rpool, r_rows, seed)
+        for t, d in lp.items():
+            per_taxon[t].update(d)
+        overall["lpips_diversity"] = {w: float(np.nanmean([d[f"lpips_{w}"] for d in lp.values()]))
+                                      for w in ("generated", "real")}
     res = {
         "generated": str(gpool.root), "real": str(rpool.root), "train": str(tpool.root),
         "features": scorer.ident or scorer.name, "k": k,
+        "lpips": None if lpips_model is None else {"file": str(lpips), "net": lpips_model.pnet_type},
         "n": {"generated": len(g_rows), "real": len(r_rows), "train": len(t_rows)},
         "overall": overall,
         "accuracy_per_level": {lv: {"generated": acc_g[lv], "real": acc_r[lv]} for lv in scorer.space.levels},

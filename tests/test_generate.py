@@ -192,3 +192,101 @@ def test_cli_generate_killed_then_resumed(model_dir, tmp_path):
         with Image.open(p) as im:
             im.load()
     assert (out / "grids").is_dir()
+
+
+def _previous_ddim(model, sched_cfg, noise, codes, refs, steps, scale):
+    """The guided DDIM loop as it was before the feature cache (reference for bit-identity)."""
+    from synthgen.guidance import combine
+    from synthgen.pipelines import make_scheduler
+
+    s = make_scheduler("ddim", sched_cfg)
+    s.set_timesteps(steps)
+    b = noise.shape[0]
+    x = (noise * s.init_noise_sigma).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        emb = model.encoder(torch.cat([codes, refs]))
+        ac = s.alphas_cumprod
+        prev = s.timesteps - s.config.num_train_timesteps // steps
+        a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], s.final_alpha_cumprod)
+        for t, a, p in zip(s.timesteps, ac[s.timesteps], a_prev, strict=True):
+            out = model.unet(torch.cat([x, x]), t, class_labels=emb).sample.float()
+            eps = combine(out[:b], out[b:], scale)
+            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+            x = p.sqrt() * x0 + (1 - p).sqrt() * eps
+    return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+
+
+def test_cache_interval_one_is_the_previous_sampler_and_cache_stays_close(model_dir):
+    model, sched_cfg = load_model(model_dir, torch.device("cpu"))
+    noise = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    codes = torch.tensor([[1] * len(model.vocab.levels)] * 3)
+    refs = torch.zeros_like(codes)
+    g = GuidanceConfig(mode="cfg", scale=2.0)
+    exact = GuidedSampler(model, sched_cfg, "ddim", 6, cache_interval=1)(noise, codes, refs, g)
+    assert torch.equal(exact, _previous_ddim(model, sched_cfg, noise, codes, refs, 6, 2.0))
+    cached = GuidedSampler(model, sched_cfg, "ddim", 6, cache_interval=3)(noise, codes, refs, g).int()
+    other = GuidedSampler(model, sched_cfg, "ddim", 6)(torch.randn_like(noise), codes, refs, g).int()
+    gap = (cached - exact.int()).abs().float().mean()
+    assert 0 < gap < 0.5 * (other - exact.int()).abs().float().mean()  # an approximation, far closer than a new seed
+    # the guidance window closes on step 3, not a refresh step: the cache is rebuilt for the target-only batch
+    w = GuidanceConfig(mode="cfg", scale=2.0, window=(0.0, 0.5))
+    for sampler in ("ddim", "dpm", "euler"):
+        out = GuidedSampler(model, sched_cfg, sampler, 5, cache_interval=4)(noise, codes, refs, w)
+        assert out.shape == (3, 32, 32, 3) and out.dtype == torch.uint8
+
+
+@pytest.mark.parametrize("preset,kw", [
+    ("tiny", {}),
+    ("small", {}),
+    ("tiny", {"down_block_types": ("AttnDownBlock2D", "DownBlock2D"), "up_block_types": ("UpBlock2D", "AttnUpBlock2D"),
+              "attention_head_dim": 16}),
+])
+def test_shallow_forward_on_fresh_cache_is_the_full_forward(preset, kw):
+    from synthgen.models import build_unet
+    from synthgen.pipelines.sampling import cache_support, deep_forward, shallow_forward
+
+    torch.manual_seed(0)
+    unet = build_unet(preset, 32, **kw).eval()
+    assert cache_support(unet) is None
+    x = torch.randn(4, 3, 32, 32)
+    emb = torch.randn(4, unet.config.block_out_channels[0] * 4)
+    t = torch.tensor(421)
+    with torch.inference_mode():
+        full = unet(x, t, class_labels=emb).sample
+        hooked, deep = deep_forward(unet, x, t, emb)
+        shallow = shallow_forward(unet, x, t, emb, deep)
+        stale = shallow_forward(unet, x, torch.tensor(401), emb, deep)
+    assert torch.equal(hooked, full)
+    assert torch.allclose(shallow, full, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(stale, full, atol=1e-3)  # the shallow path does depend on its own timestep
+
+
+def test_cache_interval_validation(model_dir):
+    from synthgen.models import ConditionedUNet, build_unet
+
+    model, sched_cfg = load_model(model_dir, torch.device("cpu"))
+    with pytest.raises(SynthgenError, match="cache_interval must be >= 1"):
+        GuidedSampler(model, sched_cfg, "ddim", 4, cache_interval=0)
+    flat = build_unet("tiny", 32, block_out_channels=(32,), down_block_types=("DownBlock2D",),
+                      up_block_types=("UpBlock2D",))
+    single = ConditionedUNet(flat, model.encoder, model.vocab)
+    with pytest.raises(SynthgenError, match="single resolution"):
+        GuidedSampler(single, sched_cfg, "ddim", 4, cache_interval=2)
+    GuidedSampler(single, sched_cfg, "ddim", 4, cache_interval=1)  # exact sampling needs no cache support
+
+
+def test_generate_with_cache_writes_manifest_and_keeps_settings_apart(model_dir, tmp_path):
+    res = generate(model_dir, "penguin", 3, tmp_path, _cfg(cache_interval=2), progress=False)
+    assert res.written == 3
+    rows = read_jsonl(tmp_path / "manifest.jsonl")
+    assert [r["index"] for r in rows] == [0, 1, 2] and all(r["cache_interval"] == 2 for r in rows)
+    for r in rows:
+        with Image.open(tmp_path / r["file"]) as im:
+            assert im.size == (32, 32) and im.mode == "RGB"
+    assert generate(model_dir, "penguin", 3, tmp_path, _cfg(cache_interval=2), progress=False).already == 3
+    with pytest.raises(SynthgenError, match="cache interval 2"):
+        generate(model_dir, "penguin", 4, tmp_path, _cfg(), progress=False)  # exact rows must not mix in
+    generate(model_dir, "fish", 1, tmp_path, _cfg(), progress=False)
+    assert "cache_interval" not in read_jsonl(tmp_path / "manifest.jsonl")[-1]  # exact rows look as before
+    with pytest.raises(SynthgenError, match="cache interval 1"):
+        generate(model_dir, "fish", 2, tmp_path, _cfg(cache_interval=3), progress=False)

@@ -123,8 +123,9 @@ def test_missing_stage_is_reported_not_dropped(seals, configs, tmp_path, monkeyp
         raise synthetic.StageUnavailable("synthgen.train.trainer.train is not available (test)")
 
     monkeypatch.setattr(synthetic, "train_generator", unavailable)
-    res = run_benchmark(_cfg(seals, configs, arms=["real", "synthgen"]), "tiny", tmp_path / "r", tmp_path / "w",
-                        device="cpu", progress=False)
+    monkeypatch.chdir(tmp_path)  # relative folders, as the CLI defaults give (runs/benchmarks/...)
+    res = run_benchmark(_cfg(seals, configs, arms=["real", "synthgen"]), "tiny", "r", "w", device="cpu",
+                        progress=False)
     assert [r["arm"] for r in res["runs"]] == ["real"]
     assert "not available (test)" in res["skipped_arms"]["synthgen"]
     assert "Not answered" in (tmp_path / "r" / "report.md").read_text()

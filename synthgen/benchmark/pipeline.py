@@ -243,7 +243,8 @@ def run_benchmark(cfg: BenchmarkConfig | str | Path, scale: str = "cpu", out: st
     outputs under `work` (default runs/benchmarks/NAME/SCALE, outside results so the report stays small)."""
     if not isinstance(cfg, BenchmarkConfig):
         cfg = BenchmarkConfig.from_yaml(cfg)
-    out = Path(out) if out else Path("benchmarks/results") / cfg.name
-    work = Path(work) if work else Path("runs/benchmarks") / cfg.name / scale
+    # absolute: ultralytics resolves list paths in a data.yaml against the yaml's own folder
+    out = (Path(out) if out else Path("benchmarks/results") / cfg.name).resolve()
+    work = (Path(work) if work else Path("runs/benchmarks") / cfg.name / scale).resolve()
     return Benchmark(cfg, scale, out, work, device, progress).run()
 

@@ -248,6 +248,11 @@ def generate_cmd(
     device: str = typer.Option("auto"),
     seed: int = typer.Option(0),
     grid: bool = typer.Option(False, help="write a contact sheet per taxon under OUT/grids/"),
+    cache_interval: int = typer.Option(1, help="DeepCache: full UNet every N-th step, deep features reused "
+                                               "between (1 = exact sampling)"),
+    window_from_branch_points: bool = typer.Option(
+        False, help="per taxon, guide from the step where it branches from its reference (the model's "
+                    "branch_points.json, `synthgen branch-points`); --window where there is none"),
 ) -> None:
     """Generate labelled chips of a taxon; resumable, every image reproducible from its seed."""
     from pydantic import ValidationError
@@ -257,13 +262,16 @@ def generate_cmd(
     from synthgen.pipelines import GenerateConfig, generate
 
     if (model / "latent_model.json").is_file():  # a latent (Stable Diffusion + LoRA) model folder
+        if cache_interval != 1 or window_from_branch_points:
+            _fail(SynthgenError("--cache-interval and --window-from-branch-points are for pixel models only"))
         _generate_latent(model, taxon, n, out, sampler, steps, guidance, scale, reference, window, batch_size,
                          device, seed)
         return
     try:
         w = tuple(float(v) for v in window.split(","))
         gcfg = GenerateConfig(sampler=sampler, steps=steps, batch_size=batch_size, device=device, seed=seed,
-                              even=even, grid=grid,
+                              even=even, grid=grid, cache_interval=cache_interval,
+                              window_from_branch_points=window_from_branch_points,
                               guidance=GuidanceConfig(mode=guidance, scale=scale, reference=reference, window=w))
         res = generate(model, taxon, n, out, gcfg)
     except (SynthgenError, ValidationError, ValueError) as e:

@@ -8,7 +8,8 @@ distance: above it, the reverse process of A and B is one branch. Distances use 
 colour layout (what survives noise longest), each instance with its own noise draw.
 
 Stored as `branch_points.json` in the model folder; used by transmutation (how far to noise) and,
-optionally, as per-rank guidance windows (guide towards a level only after it has branched).
+optionally, as per-target guidance windows (guide towards a level only after it has branched;
+`synthgen generate --window-from-branch-points`).
 """
 
 from __future__ import annotations
@@ -174,14 +175,14 @@ def guidance_window(bp: dict, level: str) -> tuple[float, float]:
     return (round(1.0 - bp["per_level"][level]["frac"], 4), 1.0)
 
 
-def target_window(model_dir: str | Path, lineage: dict[str, str], default: tuple[float, float] = (0.0, 1.0)) -> tuple[float, float]:
-    """Guidance window for a target taxon with parent-reference guidance: the branch of its finest
-    level (where it parts from its siblings); `default` when the model has no branch points."""
-    bp = load_branch_points(model_dir)
-    if bp is None:
-        return default
-    finest = [lv for lv in bp["levels"] if lineage.get(lv)]
-    for lv in reversed(finest):
+def target_window(bp: dict, diverging: list[str]) -> tuple[tuple[float, float], str] | None:
+    """Guidance window for a target steered away from its reference, and the level it comes from.
+
+    `diverging`: the levels (coarse to fine) where the target is defined and its reference is not,
+    i.e. where they part. The coarsest of them with a measured branch point decides: before it the
+    target and everything under the reference are one branch, so guidance has nothing to push on.
+    None when no such level was measured (the data had no pair of taxa branching there)."""
+    for lv in diverging:
         if lv in bp["per_level"]:
-            return guidance_window(bp, lv)
-    return default
+            return guidance_window(bp, lv), lv
+    return None

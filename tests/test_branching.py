@@ -95,12 +95,18 @@ def test_branch_points_on_real_chips_stored_with_model(aquarium, tmp_path):
     assert all(0 <= p["t"] <= 999 for p in bp["pairs"].values())
     assert set(bp["per_level"]) <= set(bp["levels"])
     assert bp["pairs"]["Actinopterygii|Asteroidea"]["level"] == "phylum"
-    puffin = bp["taxa"]["Fratercula"]["lineage"]  # finest measured level of a puffin decides its window
-    lv = [lv for lv in bp["levels"] if puffin.get(lv) and lv in bp["per_level"]][-1]
-    assert target_window(tmp_path / "model", puffin) == guidance_window(bp, lv)
-    assert target_window(tmp_path / "chips", puffin) == (0.0, 1.0)
+    assert load_branch_points(tmp_path / "chips") is None
     with pytest.raises(SynthgenError, match="not a synthgen model folder"):
         branch_points(tmp_path / "chips", tmp_path / "chips")
+
+
+def test_target_window_is_the_coarsest_measured_level_where_target_and_reference_part():
+    bp = {"levels": ["kingdom", "phylum", "class", "family"],
+          "per_level": {"phylum": {"t": 800, "frac": 0.8, "pairs": 3}, "family": {"t": 250, "frac": 0.25, "pairs": 1}}}
+    assert guidance_window(bp, "phylum") == (0.2, 1.0) and guidance_window(bp, "family") == (0.75, 1.0)
+    assert target_window(bp, ["family"]) == ((0.75, 1.0), "family")  # parent reference: the finest level only
+    assert target_window(bp, ["phylum", "class", "family"]) == ((0.2, 1.0), "phylum")  # root: the first branch
+    assert target_window(bp, ["class"]) is None  # no pair of taxa branches at class in the data
 
 
 def test_too_few_taxa(tmp_path):

@@ -290,3 +290,76 @@ def test_generate_with_cache_writes_manifest_and_keeps_settings_apart(model_dir,
     assert "cache_interval" not in read_jsonl(tmp_path / "manifest.jsonl")[-1]  # exact rows look as before
     with pytest.raises(SynthgenError, match="cache interval 1"):
         generate(model_dir, "fish", 2, tmp_path, _cfg(cache_interval=3), progress=False)
+
+
+def test_windows_from_branch_points(model_dir, tmp_path):
+    """Each row's window comes from the model's branch_points.json at the level where its taxon parts
+    from its reference; without the file (or at an unmeasured level) a warning and the configured window."""
+    import shutil
+    import warnings
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    configured = GuidanceConfig(window=(0.0, 0.5))
+    with pytest.warns(UserWarning, match="no branch_points.json"):
+        generate(model, "Aves", 3, tmp_path / "a", _cfg(window_from_branch_points=True, guidance=configured),
+                 progress=False)
+    rows = read_jsonl(tmp_path / "a" / "manifest.jsonl")
+    assert len(rows) == 3 and all(r["guidance_window"] == [0.0, 0.5] for r in rows)
+    assert not any("branch_level" in r or "branch_points" in r for r in rows)
+
+    bp = {"levels": ["kingdom", "phylum", "class", "order", "family", "genus"], "pairs": {},
+          "per_level": {"phylum": {"t": 800, "frac": 0.8, "pairs": 3}, "family": {"t": 250, "frac": 0.25, "pairs": 1}}}
+    (model / "branch_points.json").write_text(json.dumps(bp))
+    # parent reference: a penguin parts from its order at family (measured), a puffin at genus (not)
+    with pytest.warns(UserWarning, match="Fratercula"):
+        generate(model, "Aves", 8, tmp_path / "b", _cfg(window_from_branch_points=True, guidance=configured),
+                 progress=False)
+    rows = read_jsonl(tmp_path / "b" / "manifest.jsonl")
+    got = {(r["taxon"], tuple(r["guidance_window"]), r["branch_level"]) for r in rows}
+    assert got == {("Spheniscidae", (0.75, 1.0), "family"), ("Fratercula", (0.0, 0.5), None)}
+    assert len({r["branch_points"] for r in rows}) == 1
+    # root reference: both part from Animalia first at phylum
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        generate(model, "Aves", 4, tmp_path / "c",
+                 _cfg(window_from_branch_points=True, guidance=GuidanceConfig(reference="root")), progress=False)
+    rows = read_jsonl(tmp_path / "c" / "manifest.jsonl")
+    assert all(r["guidance_window"] == [0.2, 1.0] and r["branch_level"] == "phylum" for r in rows)
+
+    # the images are those of that window given by hand, not of the configured one
+    generate(model, "penguin", 3, tmp_path / "d", _cfg(window_from_branch_points=True), progress=False)
+    generate(model, "penguin", 3, tmp_path / "e", _cfg(guidance=GuidanceConfig(window=(0.75, 1.0))), progress=False)
+    generate(model, "penguin", 3, tmp_path / "f", _cfg(), progress=False)
+    d, e, f = (_pixels(tmp_path / x) for x in "def")
+    assert all(np.array_equal(d[i], e[i]) for i in range(3))
+    assert any(np.abs(d[i] - f[i]).mean() > 0.5 for i in range(3))
+    # a recomputed branch_points.json must not mix into the pool
+    bp["per_level"]["family"] = {"t": 500, "frac": 0.5, "pairs": 1}
+    (model / "branch_points.json").write_text(json.dumps(bp))
+    with pytest.raises(SynthgenError, match="branch points"):
+        generate(model, "penguin", 4, tmp_path / "d", _cfg(window_from_branch_points=True), progress=False)
+
+
+def test_cli_generate_cache_interval_and_branch_windows(model_dir, tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    model = tmp_path / "model"
+    shutil.copytree(model_dir, model)
+    bp = {"levels": ["kingdom", "phylum", "class", "order", "family", "genus"], "pairs": {},
+          "per_level": {"family": {"t": 250, "frac": 0.25, "pairs": 1}}}
+    (model / "branch_points.json").write_text(json.dumps(bp))
+    args = ["generate", "--model", str(model), "--taxon", "penguin", "--n", "2", "--out", str(tmp_path / "pool"),
+            "--steps", "4", "--batch-size", "2", "--device", "cpu", "--cache-interval", "2", "--window-from-branch-points"]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    rows = read_jsonl(tmp_path / "pool" / "manifest.jsonl")
+    assert len(rows) == 2
+    assert all(r["cache_interval"] == 2 and r["guidance_window"] == [0.75, 1.0] and r["branch_level"] == "family"
+               for r in rows)
+    res = CliRunner().invoke(app, args[:-3] + ["--cache-interval", "0"])
+    assert res.exit_code == 1 and "cache_interval" in res.output

@@ -2,6 +2,9 @@
 
 manifest.jsonl is the source of truth: an index is done when its row exists and its PNG is there.
 Every image has its own seed (noise from its own torch.Generator), so it can be regenerated alone.
+Each row records the guidance window its image was sampled with (`guidance_window`): the configured
+one, or with `window_from_branch_points` the branch point of the level where its taxon parts from
+its guidance reference.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ import math
 import random
 import re
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +24,7 @@ from PIL import Image, ImageDraw
 from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
+from synthgen.branching import BRANCH_FILE, load_branch_points, target_window
 from synthgen.device import resolve_device
 from synthgen.errors import SynthgenError
 from synthgen.guidance import GuidanceConfig, reference_codes
@@ -42,6 +47,9 @@ class GenerateConfig(BaseModel):
     # by default: 3-5 measured ~1.7-2x faster at 1-1.5/255 mean deviation, but only on a briefly
     # trained tiny model, and pools written before this field are resumable only with 1
     cache_interval: int = Field(default=1, ge=1)
+    # per target, guide only after it has branched from its reference (branch_points.json of the
+    # model, `synthgen branch-points`); guidance.window where the model has none or a level is unmeasured
+    window_from_branch_points: bool = False
 
 
 @dataclass
@@ -161,6 +169,10 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
     }
     if cfg.cache_interval > 1:  # only then: exact rows written before this field existed still match
         settings["cache_interval"] = cfg.cache_interval
+    bp = _branch_points(model_dir, cfg)
+    if bp is not None:  # which file decided the windows: a recomputed one must not mix into a pool
+        settings["branch_points"] = hashlib.sha256(
+            (model_dir / BRANCH_FILE).read_bytes()).hexdigest()[:16]
     state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
     sub = _slug(taxon)
     manifest = out / "manifest.jsonl"
@@ -170,11 +182,12 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
     for r in rows:
         if r.get("query", "").lower() != taxon.lower():
             continue
-        if any(r.get(k) != v for k, v in settings.items()) or r.get("cache_interval", 1) != cfg.cache_interval:
+        if (any(r.get(k) != v for k, v in settings.items()) or r.get("cache_interval", 1) != cfg.cache_interval
+                or r.get("branch_points") != settings.get("branch_points")):
             raise SynthgenError(
                 f"{manifest}: holds {taxon!r} images made with other settings ({r.get('sampler')}, {r.get('steps')} steps, "
-                f"guidance {r.get('guidance')}, cache interval {r.get('cache_interval', 1)}, model {r.get('model')}); "
-                "use another --out"
+                f"guidance {r.get('guidance')}, cache interval {r.get('cache_interval', 1)}, "
+                f"branch points {r.get('branch_points')}, model {r.get('model')}); use another --out"
             )
         if (out / r["file"]).exists():
             done.add(r["index"])
@@ -190,6 +203,7 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
         sampler = GuidedSampler(model, sched_cfg, cfg.sampler, cfg.steps, compile=cfg.compile,
                                 cache_interval=cfg.cache_interval)
         vocab, levels = model.vocab, model.vocab.levels
+        windows = _target_windows(bp, targets, cfg, vocab)
         weights = [tg.weight for tg in targets]
         bar = tqdm(total=len(todo), disable=not (progress and state.is_main_process), desc=f"generate {taxon}", unit="img")
         with JsonlAppender(shard) as app:
@@ -201,14 +215,25 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
                     torch.randn((3, model.sample_size, model.sample_size), generator=torch.Generator().manual_seed(s))
                     for s in seeds
                 ])
-                codes = [vocab.encode(tg.lineage) for tg in chosen]
-                refs = [reference_codes(c, cfg.guidance.mode, cfg.guidance.reference, levels) for c in codes]
-                imgs = sampler(noise, torch.tensor(codes), torch.tensor(refs), cfg.guidance)
+                codes = torch.tensor([vocab.encode(tg.lineage) for tg in chosen])
+                refs = torch.tensor([reference_codes(tuple(c), cfg.guidance.mode, cfg.guidance.reference, levels)
+                                     for c in codes.tolist()])
+                groups: dict[tuple[float, float], list[int]] = {}  # one sampler call per window
+                for k, tg in enumerate(chosen):
+                    groups.setdefault(windows[tg.taxon][0], []).append(k)
+                imgs: list[torch.Tensor] = [torch.empty(0)] * len(idx)
+                for w, ks in groups.items():
+                    g = cfg.guidance.model_copy(update={"window": w})
+                    for k, img in zip(ks, sampler(noise[ks], codes[ks], refs[ks], g), strict=True):
+                        imgs[k] = img
                 for i, s, tg, img in zip(idx, seeds, chosen, imgs, strict=True):
                     rel = f"{sub}/{sub}_{i:06d}.png"
                     atomic_save_image(Image.fromarray(img.numpy()), out / rel)
+                    w, lv = windows[tg.taxon]
+                    extra = {"branch_level": lv} if bp is not None else {}
                     app.write({"file": rel, "index": i, "query": taxon, "label": tg.label, "taxon": tg.taxon,
-                               "lineage": tg.lineage, "seed": s, "size": model.sample_size, **settings})
+                               "lineage": tg.lineage, "seed": s, "size": model.sample_size, **settings,
+                               "guidance_window": list(w), **extra})
                     written += 1
                 bar.update(len(idx))
         bar.close()
@@ -220,6 +245,37 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
         if cfg.grid:
             grids = write_grids(out, taxon)
     return GenerateResult(out, written, len(done), time.time() - t0, grids)
+
+
+def _branch_points(model_dir: Path, cfg: GenerateConfig) -> dict | None:
+    """The model's branch points when the config asks for windows from them (and guidance is on)."""
+    if not cfg.window_from_branch_points or cfg.guidance.mode == "none":
+        return None
+    bp = load_branch_points(model_dir)
+    if bp is None:
+        warnings.warn(f"{model_dir} has no {BRANCH_FILE} (compute it with `synthgen branch-points`); "
+                      f"using the configured guidance window {tuple(cfg.guidance.window)} for every target",
+                      stacklevel=3)
+    return bp
+
+
+def _target_windows(bp: dict | None, targets: list[Target], cfg: GenerateConfig, vocab
+                    ) -> dict[str, tuple[tuple[float, float], str | None]]:
+    """Per target taxon: its guidance window and the level whose branch point gave it (None: configured)."""
+    g = cfg.guidance
+    out: dict[str, tuple[tuple[float, float], str | None]] = {}
+    for tg in targets:
+        found = None
+        if bp is not None:
+            codes = vocab.encode(tg.lineage)
+            ref = reference_codes(codes, g.mode, g.reference, vocab.levels)
+            found = target_window(bp, [lv for lv, c, r in zip(vocab.levels, codes, ref, strict=True) if c and c != r])
+        out[tg.taxon] = found or (tuple(g.window), None)
+    if bp is not None and (unmeasured := sorted(t for t, (_, lv) in out.items() if lv is None)):
+        ref = g.reference if g.mode == "taxonomic" else "unconditional"
+        warnings.warn(f"{BRANCH_FILE} has no branch point at a level where {', '.join(unmeasured)} part(s) from "
+                      f"the {ref} reference; using the configured guidance window {tuple(g.window)} there", stacklevel=3)
+    return out
 
 
 def _merge_shards(manifest: Path, out: Path) -> None:

@@ -136,6 +136,10 @@ def data_chips_cmd(
     min_box: float = typer.Option(4, help="skip boxes whose shorter side is below this (pixels)"),
     max_per_class: int | None = typer.Option(None, help="at most this many chips per label"),
     pad: str = typer.Option("replicate", help="replicate | reflect where the square leaves the image"),
+    background: int | None = typer.Option(None, min=0, help="instead of animal chips, cut this many background "
+                                          "chips (squares touching no box, sized like the animal chips; 0: as "
+                                          "many as animal chips) for `train-judge --background`"),
+    seed: int = typer.Option(0, help="seed of --max-per-class sampling and background windows"),
     fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
     on_error: str = typer.Option("raise", help="raise | skip"),
 ) -> None:
@@ -143,17 +147,25 @@ def data_chips_cmd(
     from pydantic import ValidationError
 
     from detection import read_dataset
-    from detection.chips import ChipConfig, make_chips
+    from detection.chips import ChipConfig, make_background_chips, make_chips
     from synthgen.errors import SynthgenError
 
     try:
-        cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class)
+        cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class, seed=seed)
         ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split])
-        s = make_chips(ds, out, cfg, taxonomy=taxonomy, split=None if split == "all" else split, on_error=on_error)
+        sp = None if split == "all" else split
+        if background is not None:
+            s = make_background_chips(ds, out, background or None, cfg, split=sp, on_error=on_error)
+        else:
+            s = make_chips(ds, out, cfg, taxonomy=taxonomy, split=sp, on_error=on_error)
     except (SynthgenError, ValidationError, ValueError) as e:
         _fail(e)
     for p in s["problems"]:
         console.print(f"[yellow]skipped[/] {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}", soft_wrap=True)
+    if background is not None:
+        console.print(f"{s['written']} background chips written, {s['already_done']} already done, {s['unplaced']} "
+                      f"found no free window, {len(s['problems'])} problems -> {s['manifest']}", soft_wrap=True)
+        return
     console.print(f"{s['written']} chips written, {s['already_done']} already done, {s['skipped_small']} too small, "
                   f"{len(s['problems'])} problems -> {s['manifest']}", soft_wrap=True)
 
@@ -325,6 +337,8 @@ def train_judge_cmd(
     img_size: int | None = typer.Option(None),
     pretrained: Path | None = typer.Option(None, help="local timm weights file to start from"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
+    background: Path | None = typer.Option(None, help="background chips folder (`data chips --background N`): "
+                                           "adds an animal-vs-background head, scored as p_animal"),
 ) -> None:
     """Train the judge: a small taxonomic classifier (one head per rank) on the real chips."""
     from synthgen.errors import SynthgenError
@@ -335,7 +349,7 @@ def train_judge_cmd(
         flags = dict(epochs=epochs, arch=arch, width=width, img_size=img_size, device=device,
                      pretrained=str(pretrained) if pretrained else None)
         cfg = JudgeConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}))
-        m = train_judge(chips, out, cfg)
+        m = train_judge(chips, out, cfg, background=background)
     except (SynthgenError, ValueError) as e:
         _fail(e)
     if m["val"]:
@@ -343,6 +357,10 @@ def train_judge_cmd(
                            if d["accuracy"] is not None)
         console.print(f"{m['val_split']} accuracy per level: {levels}; at own level "
                       f"{m['val']['taxon_accuracy']:.3f} (balanced {m['val']['balanced_taxon_accuracy']:.3f})")
+    if m.get("animal"):
+        a = m["animal"]
+        console.print(f"animal vs background accuracy {a['accuracy']:.3f} (animal {a['animal_accuracy']:.3f} of "
+                      f"{a['n_animal']}, background {a['background_accuracy']:.3f} of {a['n_background']})")
     console.print(f"judge trained on {m['train_chips']} chips -> {out}")
 
 

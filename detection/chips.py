@@ -4,6 +4,10 @@ Each box becomes a square centred on it, side = max(w, h) * (1 + 2 * margin), pa
 replication (or reflection) where it runs off the image, resized to `size`. Chips land in
 `OUT/<split>/<label>/<stem>_<k>.png` with one manifest row each (docs/ARCHITECTURE.md); a rerun
 skips chips already in the manifest, so a killed job resumes without duplicates.
+
+`make_background_chips` cuts the negatives of the same images: squares that touch no box, sized
+like the animal chips, so a judge can learn "animal or not" from what an animal chip minus the
+animal looks like.
 """
 
 from __future__ import annotations
@@ -107,7 +111,7 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
         if split not in ds.splits:
             raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
         ds = ds.subset(split)
-    _check_config(out, cfg, taxonomy)
+    _check_config(out, cfg.model_dump() | {"taxonomy": bool(taxonomy)})
     tax = None
     if taxonomy is not None:
         from taxonomy import Taxonomy
@@ -166,10 +170,9 @@ def _select(ds: DetectionDataset, cfg: ChipConfig):
     return bx
 
 
-def _check_config(out: Path, cfg: ChipConfig, taxonomy: str | Path | None) -> None:
+def _check_config(out: Path, want: dict) -> None:
     """Record the settings; a resume into a folder cut with other settings is an error, not a mix."""
     meta = out / "chips.json"
-    want = cfg.model_dump() | {"taxonomy": bool(taxonomy)}
     if meta.is_file():
         have = json.loads(meta.read_text(encoding="utf-8"))
         if have != want:
@@ -178,6 +181,103 @@ def _check_config(out: Path, cfg: ChipConfig, taxonomy: str | Path | None) -> No
                             file=meta)
     else:
         write_json(meta, want)
+
+
+BACKGROUND = "background"  # label and taxon of background chips (rows also carry "background": true)
+
+
+def _overlaps(window: np.ndarray, boxes: np.ndarray, max_overlap: float) -> bool:
+    """Whether the window covers more than `max_overlap` of any box's area (0: touches none)."""
+    if not len(boxes):
+        return False
+    iw = np.minimum(window[2], boxes[:, 2]) - np.maximum(window[0], boxes[:, 0])
+    ih = np.minimum(window[3], boxes[:, 3]) - np.maximum(window[1], boxes[:, 1])
+    inter = np.clip(iw, 0, None) * np.clip(ih, 0, None)
+    area = (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+    return bool((inter > max_overlap * area).any())
+
+
+def plan_background(ds: DetectionDataset, n: int, cfg: ChipConfig, max_overlap: float = 0.0,
+                    tries: int = 50) -> list[dict]:
+    """`n` seeded windows (image, x0, y0, side) clear of every box; sides are drawn from the context
+    squares of the boxes `make_chips` would cut, windows lie inside the image (no padding). Window j
+    depends only on the seed and windows before it, so a larger `n` extends a smaller one."""
+    sel = _select(ds, cfg)
+    if sel.empty:
+        raise DataError(f"{ds.root}: no boxes to take background chip sizes from", file=ds.root)
+    sides = np.array([square_window((r.xmin, r.ymin, r.xmax, r.ymax), cfg.margin)[2] for r in sel.itertuples()])
+    images = ds.images.sort_values("image_path")
+    paths, splits = images.image_path.tolist(), images.split.tolist()
+    wh = images[["width", "height"]].to_numpy(int)
+    boxes = {p: g[["xmin", "ymin", "xmax", "ymax"]].to_numpy(float) for p, g in ds.boxes.groupby("image_path")}
+    rng = np.random.default_rng(cfg.seed)
+    plan = []
+    for j in range(n):
+        for _ in range(tries):
+            i = int(rng.integers(len(paths)))
+            (w, h), side = wh[i], int(min(sides[rng.integers(len(sides))], *wh[i]))
+            x0, y0 = int(rng.integers(0, w - side + 1)), int(rng.integers(0, h - side + 1))
+            if not _overlaps(np.array([x0, y0, x0 + side, y0 + side]), boxes.get(paths[i], np.zeros((0, 4))),
+                             max_overlap):
+                plan.append({"j": j, "image_path": paths[i], "split": splits[i], "x0": x0, "y0": y0, "side": side})
+                break
+    return plan
+
+
+def make_background_chips(data: str | Path | DetectionDataset, out: str | Path, n: int | None = None,
+                          cfg: ChipConfig | None = None, split: str | None = "train", max_overlap: float = 0.0,
+                          on_error: str = "raise", progress: bool = True) -> dict:
+    """Cut `n` background chips (None: as many as `make_chips` would cut animal chips) from `split`
+    (None: all splits) into `out`: `OUT/<split>/background/<stem>_bg<j>.png`, manifest rows like
+    animal chips with label and taxon "background", `"background": true` and no lineage. Resumable."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    cfg = cfg or ChipConfig()
+    out = Path(out)
+    if not 0 <= max_overlap < 1:
+        raise ValueError(f"max_overlap must be in [0, 1), got {max_overlap}")
+    ds = data if isinstance(data, DetectionDataset) else read_dataset(
+        data, on_error=on_error, splits=None if split is None else [split])
+    if split is not None:
+        if split not in ds.splits:
+            raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
+        ds = ds.subset(split)
+    n = len(_select(ds, cfg)) if n is None else n
+    if n < 1:
+        raise ValueError(f"background chip count must be >= 1, got {n}")
+    _check_config(out, cfg.model_dump() | {BACKGROUND: {"n": n, "max_overlap": max_overlap}})
+    plan = plan_background(ds, n, cfg, max_overlap)
+    for w in plan:
+        w["file"] = f"{w['split']}/{BACKGROUND}/{Path(w['image_path']).stem}_bg{w['j']}.png"
+    manifest = out / "manifest.jsonl"
+    done = {r["file"] for r in read_jsonl(manifest)}
+    todo = [w for w in plan if w["file"] not in done]
+    problems = list(ds.problems)
+    written = 0
+    with JsonlAppender(manifest) as app, tqdm(total=len(todo), desc="background chips", unit="chip",
+                                              disable=not progress) as bar:
+        by_image: dict[str, list[dict]] = {}
+        for w in todo:
+            by_image.setdefault(w["image_path"], []).append(w)
+        for img_path in sorted(by_image):
+            try:
+                arr = load_rgb(img_path)
+            except DataError as e:
+                if on_error != "skip":
+                    raise
+                problems.append({"file": img_path, "line": None, "reason": e.reason})
+                bar.update(len(by_image[img_path]))
+                continue
+            for w in by_image[img_path]:
+                box = (w["x0"], w["y0"], w["x0"] + w["side"], w["y0"] + w["side"])
+                atomic_save_image(Image.fromarray(cut_chip(arr, box, cfg.size, 0.0, cfg.pad)), out / w["file"])
+                app.write({"file": w["file"], "source_image": img_path, "box": list(box), "label": BACKGROUND,
+                           "taxon": BACKGROUND, BACKGROUND: True, "split": w["split"], "size": cfg.size})
+                written += 1
+                bar.update(1)
+    return {"out": str(out), "manifest": str(manifest), "written": written, "already_done": len(plan) - len(todo),
+            "total": len(read_jsonl(manifest)), "unplaced": n - len(plan), "problems": problems}
 
 
 def subset_chips(src: str | Path, out: str | Path, keep: Callable[[str], bool]) -> Path:

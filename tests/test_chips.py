@@ -1,4 +1,5 @@
-"""Chips: the square-with-context geometry, the manifest contract, taxonomy lineage, and resume."""
+"""Chips: the square-with-context geometry, the manifest contract, taxonomy lineage, resume, and
+background chips (negatives for the judge)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typer.testing import CliRunner
 
 from cli import app
 from detection import DataError, read_dataset
-from detection.chips import ChipConfig, cut_chip, make_chips, square_window
+from detection.chips import ChipConfig, cut_chip, make_background_chips, make_chips, square_window
 from synthgen.errors import SynthgenError
 from synthgen.io_utils import read_jsonl
 
@@ -114,3 +115,54 @@ def test_chips_from_geotiff_boxes(geo, aquarium, tmp_path):
     assert s["written"] == 1 and s["problems"][0]["file"] == str(bad.resolve())
     with pytest.raises(DataError, match="broken.jpg: cannot read image"):
         make_chips(ds, tmp_path / "chips3", ChipConfig(size=32), progress=False)
+
+
+def test_background_chips_avoid_boxes_match_sizes_and_resume(seals, tmp_path):
+    ds = read_dataset(seals, splits=["train"])
+    ds = ds.subset(images=sorted(ds.images.image_path)[:40])
+    cfg = ChipConfig(size=32, margin=0.15)
+    out = tmp_path / "bg"
+    s = make_background_chips(ds, out, 30, cfg, progress=False)
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert s["written"] == len(rows) == 30 and s["unplaced"] == 0
+    r = rows[0]
+    assert set(r) == {"file", "source_image", "box", "label", "taxon", "background", "split", "size"}  # no lineage
+    assert r["label"] == r["taxon"] == "background" and r["background"] is True and r["split"] == "train"
+    animal_sides = [square_window((b.xmin, b.ymin, b.xmax, b.ymax), cfg.margin)[2] for b in ds.boxes.itertuples()]
+    sizes = ds.images.set_index("image_path")
+    for r in rows:
+        x0, y0, x1, y1 = r["box"]
+        assert x1 - x0 == y1 - y0 and min(animal_sides) <= x1 - x0 <= max(animal_sides)
+        assert x0 >= 0 and y0 >= 0 and x1 <= sizes.width[r["source_image"]] and y1 <= sizes.height[r["source_image"]]
+        b = ds.boxes[ds.boxes.image_path == r["source_image"]]
+        iw = np.minimum(x1, b.xmax) - np.maximum(x0, b.xmin)
+        ih = np.minimum(y1, b.ymax) - np.maximum(y0, b.ymin)
+        assert not ((iw > 0) & (ih > 0)).any(), r  # touches no seal
+        assert r["file"].startswith("train/background/") and Image.open(out / r["file"]).size == (32, 32)
+    # the pixels are the window of the source image, resized like an animal chip
+    from detection.chips import load_rgb
+
+    np.testing.assert_array_equal(np.asarray(Image.open(out / r["file"])),
+                                  cut_chip(load_rgb(r["source_image"]), tuple(r["box"]), 32, 0.0))
+    # same seed -> same windows; a killed run resumes without duplicates; other settings are refused
+    make_background_chips(ds, tmp_path / "again", 30, cfg, progress=False)
+    assert read_jsonl(tmp_path / "again" / "manifest.jsonl") == rows
+    (out / "manifest.jsonl").write_text("".join(json.dumps(x) + "\n" for x in rows[:10]))
+    s2 = make_background_chips(ds, out, 30, cfg, progress=False)
+    assert s2["written"] == 20 and s2["already_done"] == 10 and read_jsonl(out / "manifest.jsonl") == rows
+    with pytest.raises(DataError, match="other settings"):
+        make_background_chips(ds, out, 31, cfg, progress=False)
+    # default count: as many as the animal chips
+    s3 = make_background_chips(ds, tmp_path / "auto", None, cfg, progress=False)
+    assert s3["written"] == make_chips(ds, tmp_path / "animals", cfg, progress=False)["written"]
+
+
+def test_cli_background_chips(seals, tmp_path):
+    out = tmp_path / "bg"
+    r = CliRunner().invoke(app, ["data", "chips", str(seals), "--out", str(out), "--size", "24", "--split", "val",
+                                 "--background", "5", "--seed", "3"])
+    assert r.exit_code == 0, r.output
+    assert "5 background chips written" in r.output
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert len(rows) == 5 and all(x["file"].startswith("val/background/") and x["size"] == 24 for x in rows)
+    assert json.loads((out / "chips.json").read_text())["seed"] == 3

@@ -1,5 +1,6 @@
 """`synthgen filter`: wrong-taxon chips are rejected by a judge trained on real chips, the input pool
-is never changed, rejects are set aside with a reason, runs resume, duplicates and copies go."""
+is never changed, rejects are set aside with a reason, runs resume, duplicates and copies go, and
+on a one-species dataset `p_animal` keeps real seals and drops pure noise."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_scoring import LINEAGE, tiny_chips, tiny_judge
+from test_scoring import LINEAGE, noise_images, seal_chips, seal_judge, tiny_chips, tiny_judge
 from typer.testing import CliRunner
 
 from synthgen.errors import SynthgenError
@@ -172,3 +173,30 @@ def test_filter_errors_and_cli(tmp_path):
     assert "pass rates" in flat and "kept 4 of 4 chips" in flat and str(tmp_path / "cli") in flat
     res = CliRunner().invoke(app, ["filter", "--pool", str(pool), "--scorer", "judge:/nope", "--out", "x"])
     assert res.exit_code == 1 and "not a judge folder" in res.output
+
+
+def test_p_animal_keeps_seals_drops_noise(tmp_path):
+    """One species: taxon heads pass anything, the animal-vs-background head must not."""
+    judge_dir, _ = seal_judge()
+    chips, _ = seal_chips()
+    real = Pool.load(chips, split="val")
+    pool = tmp_path / "pool"
+    (pool / "seal").mkdir(parents=True)
+    rows = []
+    for i, r in enumerate(real.rows[:20]):
+        shutil.copy(real.path(r), pool / "seal" / f"real_{i}.png")
+        rows.append({"file": f"seal/real_{i}.png", "label": "seal", "taxon": r["taxon"], "lineage": r["lineage"],
+                     "true_label": "seal"})
+    for i, im in enumerate(noise_images(20, seed=1)):
+        im.save(pool / "seal" / f"noise_{i}.png")
+        rows.append(rows[0] | {"file": f"seal/noise_{i}.png", "true_label": "noise"})
+    (pool / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    scorer = JudgeScorer(judge_dir, device="cpu")
+    only_score = {"score": "p_animal", "dedup_cosine": None, "copy_cosine": None}
+    for name, cfg in (("fixed", FilterConfig(threshold=0.5, **only_score)),
+                      ("calibrated", FilterConfig(mode="calibrated", percentile=10, **only_score))):
+        s = filter_pool(pool, scorer, tmp_path / name, cfg, reference=chips)
+        kept = Pool.load(tmp_path / name).rows
+        n_real = sum(r["true_label"] == "seal" for r in kept)
+        assert n_real >= 15 and len(kept) - n_real <= 3, (name, s["per_taxon"])
+        assert all(r["scores"]["judge.p_animal"] >= s["per_taxon"]["Phoca vitulina"]["threshold"] for r in kept)

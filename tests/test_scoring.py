@@ -1,11 +1,13 @@
 """Scorers: taxon space, tiny random open_clip models saved and loaded from a local folder, offline
-hub errors, the TORCH_FORCE_WEIGHTS_ONLY_LOAD guard, and a judge trained on real aquarium chips."""
+hub errors, the TORCH_FORCE_WEIGHTS_ONLY_LOAD guard, a judge trained on real aquarium chips, and a
+judge with an animal-vs-background head trained on real seal and background chips."""
 
 from __future__ import annotations
 
 import functools
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -27,6 +29,7 @@ from synthgen.scoring import (
 )
 
 AQUARIUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "aquarium"
+SEALS = AQUARIUM.parent / "glacierbay-seals"
 LINEAGE = {  # from ../shared/data/aquarium/README.md
     "fish": ("Actinopterygii", {"kingdom": "Animalia", "phylum": "Chordata", "class": "Actinopterygii"}),
     "jellyfish": ("Scyphozoa", {"kingdom": "Animalia", "phylum": "Cnidaria", "class": "Scyphozoa"}),
@@ -94,6 +97,40 @@ TINY_JUDGE = JudgeConfig(width=0.25, img_size=32, epochs=10, batch_size=32, lr=3
 def tiny_judge() -> tuple[Path, dict]:
     out = Path(tempfile.mkdtemp(prefix="synthgen-judge-"))
     return out, train_judge(tiny_chips(), out, TINY_JUDGE)
+
+
+SEAL_JUDGE = TINY_JUDGE.model_copy(update={"epochs": 30})  # 60 steps: fewer leave noise scoring as seal
+
+
+@functools.cache
+def seal_chips() -> tuple[Path, Path]:
+    """Seal chips and as many background chips from 60 train + 30 valid tiles (32 px)."""
+    from detection import read_dataset
+    from detection.chips import ChipConfig, make_background_chips
+    from detection.chips import make_chips as cut
+
+    ds = read_dataset(SEALS)
+    im = ds.images.sort_values("image_path")
+    ds = ds.subset(images=list(im[im.split == "train"].image_path[::7][:60]) +
+                   list(im[im.split != "train"].image_path[::3][:30]))
+    out = Path(tempfile.mkdtemp(prefix="synthgen-seals-"))
+    cut(ds, out / "chips", ChipConfig(size=32), split=None, progress=False,
+        taxonomy=Path(__file__).resolve().parents[1] / "configs" / "taxonomy" / "glacierbay-seals.csv")
+    make_background_chips(ds, out / "background", None, ChipConfig(size=32), split=None, progress=False)
+    return out / "chips", out / "background"
+
+
+@functools.cache
+def seal_judge() -> tuple[Path, dict]:
+    out = Path(tempfile.mkdtemp(prefix="synthgen-seal-judge-"))
+    chips, background = seal_chips()
+    return out, train_judge(chips, out, SEAL_JUDGE, background=background)
+
+
+def noise_images(n: int, seed: int = 0) -> list[Image.Image]:
+    """Pure Gaussian-noise chips: what an untrained generator emits."""
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(np.clip(rng.normal(128, 50, (32, 32, 3)), 0, 255).astype(np.uint8)) for _ in range(n)]
 
 
 def tiny_open_clip(folder: Path) -> Path:
@@ -274,3 +311,43 @@ def test_bad_inputs_name_the_file(tmp_path):
         JudgeScorer(tmp_path)
     with pytest.raises(SynthgenError, match="pretrained weights file not found"):
         train_judge(tiny_chips(), tmp_path / "j", JudgeConfig(width=1.0, pretrained=str(tmp_path / "nope.pth")))
+
+
+def test_judge_with_background_learns_animal_vs_background(tmp_path):
+    folder, m = seal_judge()
+    chips, background = seal_chips()
+    a = m["animal"]
+    assert m["train_chips"] == len(Pool.load(chips, split="train").rows)  # taxon heads: animal chips only
+    assert m["background_chips"] == len(Pool.load(background, split="train").rows)
+    assert a["n_animal"] == m["val_chips"] and a["n_background"] == len(Pool.load(background, split="val").rows)
+    assert a["accuracy"] > 0.8, a
+    meta = json.loads((folder / "judge.json").read_text())
+    assert meta["background"] == str(background.resolve()) and meta["metrics"]["animal"] == a
+    scorer = JudgeScorer(folder, device="cpu")
+    real = list(Pool.load(chips, split="val").images())
+    s = scorer.score(real + noise_images(20), ["Phoca vitulina"] * (len(real) + 20))
+    p = s["p_animal"]
+    assert p.shape == (len(real) + 20,) and ((p >= 0) & (p <= 1)).all() and "p_taxon" in s
+    assert np.mean(p[: len(real)] >= 0.5) > 0.8 and np.mean(p[len(real) :] >= 0.5) < 0.2, p
+    # finished: the same inputs return the metrics without training; animal chips are no background
+    assert train_judge(chips, folder, SEAL_JUDGE, background=background) == m
+    with pytest.raises(SynthgenError, match="not a background chip"):
+        train_judge(chips, tmp_path / "j", SEAL_JUDGE, background=chips)
+
+
+def test_judge_without_background_loads_and_scores_as_before(tmp_path):
+    folder, metrics = tiny_judge()
+    old = tmp_path / "old"
+    shutil.copytree(folder, old)
+    meta = json.loads((old / "judge.json").read_text())
+    assert "background" not in meta and "animal" not in meta["metrics"]
+    del meta["config"]["noise_negatives"]  # a judge.json written before the field existed
+    (old / "judge.json").write_text(json.dumps(meta))
+    scorer = JudgeScorer(old, device="cpu")
+    assert scorer.net.animal is None
+    pool = Pool.load(tiny_chips(), split="valid")
+    imgs, taxa = list(pool.images(pool.rows[:6])), [r["taxon"] for r in pool.rows[:6]]
+    s = scorer.score(imgs, taxa)
+    assert "p_animal" not in s
+    np.testing.assert_allclose(s["p_taxon"], JudgeScorer(folder, device="cpu").score(imgs, taxa)["p_taxon"])
+    assert train_judge(tiny_chips(), old, TINY_JUDGE) == metrics  # still finished, not retrained

@@ -126,7 +126,8 @@ class Benchmark:
             if s.filter is not None:
                 pool_key = stage_hash("filter", pool_key, chips_key, s.filter, seed)
                 self.cache.run(f"{cell}/filtered", pool_key, lambda d: {"dir": str(synthetic.filter_generated(
-                    self.work / cell / "generated", self.work / cell / "chips", d, seed=seed, **s.filter))},
+                    self.work / cell / "generated", self.work / cell / "chips", d, seed=seed, dataset=c.dataset,
+                    train_images=train_images, **s.filter))},
                     resumable=True)
                 pool = self.work / cell / "filtered" / "kept"
         key = stage_hash("compose", kind, pool_key, s.compose, s.synthetic_images, seed)

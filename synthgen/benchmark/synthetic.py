@@ -18,7 +18,8 @@ from synthgen.errors import SynthgenError
 
 
 class StageUnavailable(SynthgenError):
-    """A pipeline stage's library function is not available in this installation."""
+    """A pipeline stage cannot give its arm an input: its library function is not available in this
+    installation, or the filter kept none of the generated instances."""
 
 
 def _fn(module: str, name: str):
@@ -72,19 +73,51 @@ def _reference_chips(chips_dir: Path, out: Path, val_fraction: float) -> Path:
     return out
 
 
+def _background_chips(dataset: str, train_images: list[str], chips_dir: Path, out: Path, seed: int,
+                      val_fraction: float) -> Path:
+    """As many background chips as the cell has animal chips, cut like them from the cell's training
+    images only, held out by the same source-image hash as the animal reference."""
+    import json
+
+    from detection import read_dataset
+
+    chip_cfg = _fn("detection.chips", "ChipConfig")
+    settings = json.loads((chips_dir / "chips.json").read_text(encoding="utf-8"))
+    cfg = chip_cfg(**({k: v for k, v in settings.items() if k in chip_cfg.model_fields} | {"seed": seed}))
+    ds = read_dataset(dataset).subset(images=train_images)
+    _fn("detection.chips", "make_background_chips")(ds, out / "background_chips", None, cfg, split=None,
+                                                    progress=False)
+    return _reference_chips(out / "background_chips", out / "background", val_fraction)
+
+
 def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: str = "judge",
-                     judge: dict | None = None, val_fraction: float = 0.2, **kw: Any) -> Path:
+                     judge: dict | None = None, val_fraction: float = 0.2, background: bool | None = None,
+                     dataset: str | None = None, train_images: list[str] | None = None, **kw: Any) -> Path:
     """Keep generated chips that pass `synthgen filter`; the judge (default) trains on this cell's
-    real chips only, and calibrated thresholds come from its held-out part. Returns the kept pool."""
+    real chips only, and calibrated thresholds come from its held-out part. With `background` (None:
+    when the cell has one taxon, where taxon heads alone pass anything), the judge also learns animal
+    vs background (score `p_animal`) from background chips of the cell's `train_images` of `dataset`.
+    Returns the kept pool; an empty one makes the arm unavailable."""
     scoring = importlib.import_module("synthgen.scoring")
     filt = importlib.import_module("synthgen.filter")
     ref = _reference_chips(chips_dir, out / "reference", val_fraction)
     if scorer == "judge":
-        scoring.train_judge(ref, out / "judge", scoring.JudgeConfig(**({"seed": seed} | (judge or {}))))
+        bg = None
+        if background is None:
+            background = len({r["taxon"] for r in scoring.Pool.load(ref).rows}) == 1
+        if background:
+            if dataset is None or train_images is None:
+                raise SynthgenError("filter background chips need the cell's dataset and training images")
+            bg = _background_chips(dataset, train_images, chips_dir, out, seed, val_fraction)
+        scoring.train_judge(ref, out / "judge", scoring.JudgeConfig(**({"seed": seed} | (judge or {}))),
+                            background=bg)
         sc = scoring.JudgeScorer(out / "judge")
     else:
         sc = scoring.load_scorer(scorer, scoring.TaxonSpace.from_rows(scoring.Pool.load(ref).rows))
-    filt.filter_pool(pool, sc, out / "kept", filt.FilterConfig(**kw), reference=ref)
+    summary = filt.filter_pool(pool, sc, out / "kept", filt.FilterConfig(**kw), reference=ref)
+    if not summary["kept"]:
+        raise StageUnavailable(f"filter ({summary['score']}) kept none of the {summary['n']} generated instances "
+                               f"in {pool}; see {out / 'kept' / 'filter_summary.json'}")
     return out / "kept"
 
 

@@ -3,6 +3,10 @@
 One head per taxonomy level (index 0 = "none" is ignored in the loss and never predicted), so a
 fish labelled only to class still teaches the class head without inventing an order. Its per-level
 probabilities are scores, its penultimate features the metric space when no BioCLIP weights exist.
+
+Taxon heads only tell taxa apart, so on a one-species dataset anything passes them. Given background
+chips (squares of the same images that hold no animal), the judge also learns one binary "animal vs
+background" head, scored as `p_animal`: the filter's answer to "is this an animal at all?".
 """
 
 from __future__ import annotations
@@ -46,6 +50,8 @@ class JudgeConfig(YamlConfig):
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     balance: float = Field(0.5, ge=0, le=1, description="sample weight = count(taxon)^-balance")
+    noise_negatives: float = Field(0.5, ge=0, lt=1, description="with background chips: share of the negatives "
+                                   "replaced by noise textures coloured like them")
     seed: int = 0
     device: str = "auto"
 
@@ -74,10 +80,13 @@ def build_backbone(cfg: JudgeConfig) -> nn.Module:
 
 
 class JudgeNet(nn.Module):
-    def __init__(self, cfg: JudgeConfig, level_sizes: Sequence[int]):
+    """Backbone, one head per taxonomy level and, with `animal`, one animal-vs-background logit."""
+
+    def __init__(self, cfg: JudgeConfig, level_sizes: Sequence[int], animal: bool = False):
         super().__init__()
         self.backbone = build_backbone(cfg)
         self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, n) for n in level_sizes)
+        self.animal = nn.Linear(self.backbone.num_features, 1) if animal else None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         f = self.backbone(x)
@@ -118,6 +127,32 @@ def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     return out
 
 
+def _noise_negatives(background: torch.Tensor, animal: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Animal-free textures, one per background chip: Gaussian noise summed over grains of 1-8 px with
+    random 1/f-like weights and channel correlation, coloured like the background chip (alone or over
+    it) or like an animal chip (its colours without its shape). Real background alone teaches "smooth
+    ice is not an animal", and then any busy texture (what an undertrained generator emits) scores as
+    one; these close that gap."""
+    import torch.nn.functional as F
+
+    n, c, h, w = background.shape
+    out = torch.empty(n, c, h, w)
+    for i in range(n):
+        on_animal = bool(torch.rand(1, generator=gen) < 0.5)
+        src = (animal if on_animal else background)[i].float()
+        mean, std = src.mean((1, 2), keepdim=True), src.std((1, 2), keepdim=True).clamp(min=8)
+        beta, rho = 2.5 * float(torch.rand(1, generator=gen)), float(torch.rand(1, generator=gen))
+        zi = torch.zeros(1, c, h, w)
+        for k in (1, 2, 4, 8):  # beta 0: white noise .. 2.5: mostly 8 px blobs
+            z = torch.randn(1, c + 1, max(1, h // k), max(1, w // k), generator=gen)
+            z = rho * z[:, :1] + (1 - rho) * z[:, 1:]  # rho 1: grey (luminance) noise
+            zi += k**beta * F.interpolate(z, size=(h, w), mode="bilinear", align_corners=False)
+        zi = zi[0] / zi.std().clamp(min=1e-6) * std * (0.5 + 1.5 * float(torch.rand(1, generator=gen)))
+        over = not on_animal and bool(torch.rand(1, generator=gen) < 0.5)
+        out[i] = (src if over else mean) + zi
+    return out.clamp(0, 255).round().to(torch.uint8)
+
+
 def _load_chips(pool: Pool, rows: list[dict], size: int, desc: str) -> torch.Tensor:
     from tqdm import tqdm
 
@@ -145,10 +180,15 @@ def _save_state(path: Path, net: nn.Module, opt: torch.optim.Optimizer, progress
         f.write(save(tensors, metadata={"progress": json.dumps(progress)}))
 
 
+def _with_defaults(cfg: dict) -> dict:
+    """A saved config with fields added since filled by their defaults (old judges stay finished)."""
+    return JudgeConfig().model_dump() | cfg
+
+
 def _resume_key(cfg: dict) -> dict:
     """Settings that must match to resume: all but the epoch count (a run may be extended or cut
     short; the LR schedule is then re-planned over the new total) and the device."""
-    return {k: v for k, v in cfg.items() if k not in ("epochs", "device")}
+    return {k: v for k, v in _with_defaults(cfg).items() if k not in ("epochs", "device")}
 
 
 def _read_progress(path: Path) -> dict:
@@ -201,9 +241,49 @@ def evaluate_judge(net: JudgeNet, space: TaxonSpace, x: torch.Tensor, codes: tor
             "balanced_taxon_accuracy": float(np.mean(accs)) if accs else None, "n": len(taxa)}
 
 
-def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = None) -> dict:
+@torch.no_grad()
+def evaluate_animal(net: JudgeNet, x_animal: torch.Tensor, x_background: torch.Tensor, device: torch.device,
+                    batch_size: int = 256) -> dict:
+    """Accuracy of the animal head at p_animal 0.5 on real animal and background chips (and each side)."""
+    net.eval()
+
+    def p(x: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(x), batch_size):
+            with autocast(device):
+                logit = net.animal(net.backbone(_normalise(x[i : i + batch_size].to(device))))
+            out.append(torch.sigmoid(logit.float()[:, 0]).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    pa, pb = p(x_animal), p(x_background)
+    ok = torch.cat([pa >= 0.5, pb < 0.5])
+    return {"accuracy": float(ok.float().mean()) if len(ok) else None,
+            "animal_accuracy": float((pa >= 0.5).float().mean()) if len(pa) else None,
+            "background_accuracy": float((pb < 0.5).float().mean()) if len(pb) else None,
+            "n_animal": len(pa), "n_background": len(pb)}
+
+
+def _background_rows(folder: str | Path) -> tuple[Pool, list[dict], list[dict]]:
+    """A background chips folder (`make_background_chips`) and its train and held-out rows."""
+    pool = Pool.load(folder)
+    man = pool.root / "manifest.jsonl"
+    for i, r in enumerate(pool.rows, 1):
+        if not r.get("background"):
+            raise ScoringError(f"{man}:{i}: not a background chip (rows need \"background\": true; cut them "
+                               "with `synthgen data chips --background N`)")
+    train = [r for r in pool.rows if r.get("split") == "train"]
+    if not train:
+        raise ScoringError(f"{man}: no background chips with split 'train'")
+    vsplit = _val_split(pool.rows)
+    return pool, train, [r for r in pool.rows if r.get("split") == vsplit] if vsplit else []
+
+
+def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = None,
+                background: str | Path | None = None) -> dict:
     """Train (or resume) the judge on the `train` split of a chips folder; report on its val split.
 
+    With `background` (a folder of background chips), the animal head also trains on its train
+    split (negatives) against the animal chips (positives), and is reported on its val split.
     Writes `judge.safetensors`, `judge.json` (config, taxon space, metrics), `taxonomy.json` (copied
     from the chips folder when present) and `metrics.json` into `out`. Returns the metrics dict.
     """
@@ -218,10 +298,12 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
         raise ScoringError(f"{pool.root / 'manifest.jsonl'}: no chips with split 'train' to train the judge on")
     vsplit = _val_split(pool.rows)
     val_rows = [r for r in pool.rows if r.get("split") == vsplit] if vsplit else []
+    bg_key = str(Path(background).resolve()) if background is not None else None
     done = out / CONFIG
     if done.is_file() and (out / WEIGHTS).is_file():
         meta = json.loads(done.read_text())
-        if meta.get("config") == cfg.model_dump() and meta.get("chips") == str(Path(chips).resolve()):
+        if (_with_defaults(meta.get("config", {})) == cfg.model_dump()
+                and meta.get("chips") == str(Path(chips).resolve()) and meta.get("background") == bg_key):
             return meta["metrics"]
 
     torch.manual_seed(cfg.seed)
@@ -229,11 +311,15 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
     x_tr = _load_chips(pool, train_rows, cfg.img_size, "loading train chips")
     x_va = _load_chips(pool, val_rows, cfg.img_size, "loading val chips")
     y_tr, y_va = _codes(space, train_rows), _codes(space, val_rows)
+    if bg_key:
+        bpool, bg_train, bg_val = _background_rows(background)
+        x_bg = _load_chips(bpool, bg_train, cfg.img_size, "loading background chips")
+        x_bg_va = _load_chips(bpool, bg_val, cfg.img_size, "loading held-out background chips")
     tr_taxa = [r["taxon"] for r in train_rows]
     counts = {t: tr_taxa.count(t) for t in set(tr_taxa)}
     weights = torch.tensor([counts[t] ** -cfg.balance for t in tr_taxa], dtype=torch.double)
 
-    net = JudgeNet(cfg, space.level_sizes).to(device)
+    net = JudgeNet(cfg, space.level_sizes, animal=bg_key is not None).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     steps_per_epoch = max(1, len(train_rows) // cfg.batch_size)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=cfg.epochs * steps_per_epoch,
@@ -244,7 +330,8 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
     start, history = 0, []
     if state_path.is_file():
         prog = _read_progress(state_path)
-        if _resume_key(prog.get("config", {})) == _resume_key(cfg.model_dump()) and prog["epoch"] <= cfg.epochs:
+        if (_resume_key(prog.get("config", {})) == _resume_key(cfg.model_dump()) and prog["epoch"] <= cfg.epochs
+                and prog.get("background") == bg_key):
             _load_state(state_path, net, opt)
             start, history = int(prog["epoch"]), prog["history"]
             with warnings.catch_warnings():  # fast-forwarding the schedule without optimizer steps
@@ -259,22 +346,34 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
             gen.manual_seed(cfg.seed * 1000 + epoch)  # same batches after a resume
             net.train()
             idx = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
+            if bg_key:  # as many background chips as animal chips in every batch
+                bidx = torch.randint(0, len(x_bg), (steps_per_epoch * cfg.batch_size,), generator=gen)
             total = 0.0
             for b in range(steps_per_epoch):
                 bi = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size]
-                xb = _normalise(_augment(x_tr[bi], gen)).to(device)
+                xs = x_tr[bi]
+                if bg_key:
+                    neg = x_bg[bidx[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
+                    k = round(len(neg) * cfg.noise_negatives)
+                    xs = torch.cat([xs, _noise_negatives(neg[:k], xs[:k], gen), neg[k:]])
+                xb = _normalise(_augment(xs, gen)).to(device)
                 yb = y_tr[bi].to(device)
                 with autocast(device):
-                    _, logits = net(xb)
-                loss = sum(loss_fn(lg.float(), yb[:, j]) for j, lg in enumerate(logits)
+                    f, logits = net(xb)
+                    animal = net.animal(f) if bg_key else None
+                loss = sum(loss_fn(lg[: len(bi)].float(), yb[:, j]) for j, lg in enumerate(logits)
                            if (yb[:, j] > 0).any())
+                if bg_key:
+                    target = (torch.arange(len(xs), device=device) < len(bi)).float()
+                    loss = loss + nn.functional.binary_cross_entropy_with_logits(animal.float()[:, 0], target)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
                 sched.step()
                 total += loss.item()
             history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
-            _save_state(state_path, net, opt, {"epoch": epoch + 1, "config": cfg.model_dump(), "history": history})
+            _save_state(state_path, net, opt, {"epoch": epoch + 1, "config": cfg.model_dump(), "history": history,
+                                               "background": bg_key})
             bar.update(task, advance=1, description=f"training judge (loss {total / steps_per_epoch:.3f})")
             bar.console.log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / steps_per_epoch:.4f}")
 
@@ -284,6 +383,9 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
         "train_chips": len(train_rows), "val_chips": len(val_rows),
         "train_seconds": round(time.time() - t0, 1), "history": history,
     }
+    if bg_key:
+        metrics |= {"background_chips": len(bg_train),
+                    "animal": evaluate_animal(net, x_va, x_bg_va, device) if val_rows and bg_val else None}
     net = net.cpu()
     with atomic_write(out / WEIGHTS, "wb") as f:
         f.write(save({k: v.contiguous() for k, v in net.state_dict().items()}, metadata={"format": "pt"}))
@@ -293,13 +395,14 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
             f.write(tax_json.read_bytes())
     write_json(out / "metrics.json", metrics)
     write_json(done, {"config": cfg.model_dump(), "space": space.to_dict(), "metrics": metrics,
-                      "chips": str(Path(chips).resolve())})
+                      "chips": str(Path(chips).resolve())} | ({"background": bg_key} if bg_key else {}))
     state_path.unlink(missing_ok=True)
     return metrics
 
 
 class JudgeScorer(Scorer):
-    """Scores from a trained judge folder: `p_taxon`, `p_<level>` and (with a reference) `centroid_cos`."""
+    """Scores from a trained judge folder: `p_taxon`, `p_<level>`, (with a reference) `centroid_cos` and,
+    for a judge trained with background chips, `p_animal`."""
 
     def __init__(self, folder: str | Path, device: str = "auto", batch_size: int = 128, name: str = "judge"):
         folder = Path(folder)
@@ -313,7 +416,7 @@ class JudgeScorer(Scorer):
         self.name, self.batch_size, self.folder = name, batch_size, folder
         self.ident = f"judge:{folder.resolve()}:{(folder / WEIGHTS).stat().st_mtime_ns}"
         self.device = resolve_device(device)
-        self.net = JudgeNet(self.cfg, self.space.level_sizes)
+        self.net = JudgeNet(self.cfg, self.space.level_sizes, animal=bool(meta.get("background")))
         try:
             self.net.load_state_dict(load_file(folder / WEIGHTS))
         except RuntimeError as e:
@@ -339,3 +442,9 @@ class JudgeScorer(Scorer):
             out[lv] = torch.softmax(lg, 1).cpu().numpy()
         return out
 
+    @torch.no_grad()
+    def extra_scores(self, emb: np.ndarray, taxa: Sequence[str]) -> dict[str, np.ndarray]:
+        if self.net.animal is None:
+            return {}
+        f = torch.from_numpy(np.asarray(emb, dtype=np.float32)).to(self.device)
+        return {"p_animal": torch.sigmoid(self.net.animal(f).float()[:, 0]).cpu().numpy()}

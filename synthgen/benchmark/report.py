@@ -211,6 +211,10 @@ def write_report(results: dict, out: str | Path) -> Path:
           f"- Metrics on the test set: COCO-style mAP50 / mAP50-95 (own evaluator), P/R/F1 at IoU 0.4 and "
           f"count error per image at score >= {scale['operating_conf']}.",
           _filter_line(scale.get("filter")),
+          "- Composed tiles are the cell's real training tiles, keeping their own labelled real animals, with "
+          "instances pasted in: arm 4 (synthgen only) therefore still sees the cell's real instances, inside "
+          "altered tiles. Arm 5 pre-trains on those tiles with arm 4's schedule, then fine-tunes on the real "
+          "tiles with arm 1's: twice arm 1's optimizer steps.",
           f"- The hidden test splits of the dataset are the final judge; nothing was tuned on `{cfg['test_split']}`.",
           ""]
     if results.get("skipped_arms"):

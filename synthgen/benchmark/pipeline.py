@@ -226,10 +226,26 @@ class Benchmark:
         results = {
             "name": self.cfg.name, "scale": self.scale_name, "config": self.cfg.model_dump(mode="json"),
             "split": self.split_info, "runs": rows, "skipped_arms": skipped, "example_tiles": examples,
+            "generators": self._generator_summary(),
             "stages": {"ran": len(self.cache.ran), "cached": len(self.cache.skipped)},
         }
         write_report(results, self.out)
         return results
+
+    def _generator_summary(self) -> dict[str, dict]:
+        """Per cell: generator steps and final loss, and how many generated instances the filter kept."""
+        import json
+
+        out: dict[str, dict] = {}
+        for cell in sorted(self.work.glob("cells/*")):
+            gen, filt = cell / "generator" / "synthgen_model.json", cell / "filtered" / "kept" / "filter_summary.json"
+            if gen.is_file():
+                g = json.loads(gen.read_text())
+                out[cell.name] = {"steps": g.get("steps"), "final_loss": g.get("final_loss")}
+                if filt.is_file():
+                    f = json.loads(filt.read_text())
+                    out[cell.name] |= {"generated": f["n"], "kept": f["kept"], "score": f["score"]}
+        return out
 
     def _example_tiles(self, n: int = 6) -> list[str]:
         """A few composed synthgen training tiles for the report (first cell that has them)."""

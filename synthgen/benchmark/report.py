@@ -67,8 +67,14 @@ def verdict(results: dict, runs: pd.DataFrame, diffs: pd.DataFrame) -> list[str]
             lines.append(f"Real + copy-paste vs real-only: {cp * 100:+.1f} points; real + synthgen "
                          f"{'beats' if ok_cp else 'does not beat'} copy-paste.")
         helped = (diffs[diffs.arm == "synthgen"].mean_diff > 0).any()
-        lines.append(f"**Did synthetic data help?** {'Yes, at some fractions' if helped else 'No'}: see the "
-                     "paired-difference table.")
+        lines.append(f"**Did synthetic data help?** {'Yes, at some fractions' if helped else 'No'} (arm 3, "
+                     "real + synthgen): see the paired-difference table.")
+        if "pretrain_finetune" in d.index and d.loc["pretrain_finetune"].mean_diff > 0:
+            pf = d.loc["pretrain_finetune"]
+            lines.append(f"Pre-training on the composed tiles then fine-tuning on real (arm 5): "
+                         f"{pf.mean_diff * 100:+.1f} points (better in {int(pf.wins)} of {int(pf.n_pairs)}), but "
+                         "with twice arm 1's optimizer steps on tiles that keep the real animals, so this does "
+                         "not isolate the generated instances.")
         if not (ok_gain and ok_cp):
             lines.append("What holds it back (from these numbers): " + "; ".join(_limits(results, runs)))
     return lines
@@ -81,6 +87,16 @@ def _limits(results: dict, runs: pd.DataFrame) -> list[str]:
     if det["epochs"] < 30:
         out.append(f"detectors trained for only {det['epochs']} epochs at {det['imgsz']} px (scale "
                    f"'{results['scale']}'): every arm is far from convergence, so differences are mostly noise")
+    gens = list(results.get("generators", {}).values())
+    if gens:
+        steps = sorted({g["steps"] for g in gens})
+        kept = [g for g in gens if "generated" in g]
+        line = f"the generator trains {'/'.join(map(str, steps))} steps per cell (scale '{results['scale']}')"
+        if kept:
+            line += (f"; the filter ({kept[0]['score']}) kept {sum(g['kept'] for g in kept)} of "
+                     f"{sum(g['generated'] for g in kept)} generated instances, so the few kept are reused "
+                     "across many pastes; see the example tiles for what the detector was shown")
+        out.append(line)
     sd = runs.groupby(["arm", "fraction"]).map50.std().mean()
     if sd == sd and sd > 0.03:
         out.append(f"seed-to-seed spread of mAP50 ({sd * 100:.1f} points) is as large as the effect sought")

@@ -200,10 +200,12 @@ def main() -> None:
     last = rows[-1]["variants"]
     equal_steps = {k: max(1, round(args.steps / last[f"cache{k}"]["vs_exact"])) for k in intervals}
     n_dev = args.deviation_images
-    dev_codes = torch.tensor([target] * n_dev, device=device), torch.tensor([ref] * n_dev, device=device)
-    devs = deviation_rows("untrained", model, sched_cfg, *dev_codes, guidance, args.steps, intervals, equal_steps,
-                          n_dev, device)
-    if args.trained_model:
+    devs = []
+    if n_dev > 0:  # 0: speed only
+        dev_codes = torch.tensor([target] * n_dev, device=device), torch.tensor([ref] * n_dev, device=device)
+        devs = deviation_rows("untrained", model, sched_cfg, *dev_codes, guidance, args.steps, intervals,
+                              equal_steps, n_dev, device)
+    if args.trained_model and n_dev > 0:
         trained, trained_sched = load_model(args.trained_model, device)
         devs += deviation_rows("trained", trained, trained_sched,
                                *(c.to(device) for c in trained_codes(trained, args.trained_model, n_dev, guidance)),
@@ -230,11 +232,12 @@ def main() -> None:
         lines += [f"| {r['batch']} | {names[k]} | {v['chips_s']} | {v['vs_stock']}x | {v['vs_exact']}x | {v['peak_mib']} |"
                   for k, v in r["variants"].items()]
     lines += ["", "Ours exact vs stock, max pixel difference: "
-              + ", ".join(f"batch {r['batch']}: {r['exact_vs_stock_max_pixel_diff']}" for r in rows) + ".", "",
-              f"## Cost in quality: {n_dev} images, same seeds, against ours exact at {args.steps} steps", "",
-              f"untrained: the random benchmark model; trained: {meta['trained_model']}.", "",
-              "| model | variant | mean abs pixel diff (0-255) | PSNR dB |", "|---|---|---|---|"]
-    lines += [f"| {d['model']} | {d['variant']} | {d['mean_abs']} | {d['psnr_db']} |" for d in devs]
+              + ", ".join(f"batch {r['batch']}: {r['exact_vs_stock_max_pixel_diff']}" for r in rows) + "."]
+    if devs:
+        lines += ["", f"## Cost in quality: {n_dev} images, same seeds, against ours exact at {args.steps} steps", "",
+                  f"untrained: the random benchmark model; trained: {meta['trained_model']}.", "",
+                  "| model | variant | mean abs pixel diff (0-255) | PSNR dB |", "|---|---|---|---|"]
+        lines += [f"| {d['model']} | {d['variant']} | {d['mean_abs']} | {d['psnr_db']} |" for d in devs]
     with atomic_write(RESULTS / f"generation_speed_{tag}.md", "w", encoding="utf-8") as f:
         f.write("\n".join(lines) + "\n")
     print(f"wrote {RESULTS / f'generation_speed_{tag}.md'}")

@@ -96,6 +96,17 @@ def _taxon_info(tax, label: str) -> tuple[str, dict]:
     return t.name, {a.level: a.name for a in tax.lineage(t)}
 
 
+def _split_dataset(data: str | Path | DetectionDataset, split: str | None, on_error: str) -> DetectionDataset:
+    """The dataset (read if a path) restricted to `split` (None: all splits), with a clear error if absent."""
+    ds = data if isinstance(data, DetectionDataset) else read_dataset(
+        data, on_error=on_error, splits=None if split is None else [split])
+    if split is not None:
+        if split not in ds.splits:
+            raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
+        ds = ds.subset(split)
+    return ds
+
+
 def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipConfig | None = None,
                taxonomy: str | Path | None = None, split: str | None = "train", on_error: str = "raise",
                progress: bool = True) -> dict:
@@ -105,12 +116,7 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
 
     cfg = cfg or ChipConfig()
     out = Path(out)
-    ds = data if isinstance(data, DetectionDataset) else read_dataset(
-        data, on_error=on_error, splits=None if split is None else [split])
-    if split is not None:
-        if split not in ds.splits:
-            raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
-        ds = ds.subset(split)
+    ds = _split_dataset(data, split, on_error)
     _check_config(out, cfg.model_dump() | {"taxonomy": bool(taxonomy)})
     tax = None
     if taxonomy is not None:
@@ -237,12 +243,7 @@ def make_background_chips(data: str | Path | DetectionDataset, out: str | Path, 
     out = Path(out)
     if not 0 <= max_overlap < 1:
         raise ValueError(f"max_overlap must be in [0, 1), got {max_overlap}")
-    ds = data if isinstance(data, DetectionDataset) else read_dataset(
-        data, on_error=on_error, splits=None if split is None else [split])
-    if split is not None:
-        if split not in ds.splits:
-            raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
-        ds = ds.subset(split)
+    ds = _split_dataset(data, split, on_error)
     n = len(_select(ds, cfg)) if n is None else n
     if n < 1:
         raise ValueError(f"background chip count must be >= 1, got {n}")

@@ -107,6 +107,17 @@ def _split_dataset(data: str | Path | DetectionDataset, split: str | None, on_er
     return ds
 
 
+def _load_or_skip(img_path: str, on_error: str, problems: list[dict]):
+    """The image as RGB, or None after listing it in `problems` when `on_error` is "skip"."""
+    try:
+        return load_rgb(img_path)
+    except DataError as e:
+        if on_error != "skip":
+            raise
+        problems.append({"file": img_path, "line": None, "reason": e.reason})
+        return None
+
+
 def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipConfig | None = None,
                taxonomy: str | Path | None = None, split: str | None = "train", on_error: str = "raise",
                progress: bool = True) -> dict:
@@ -136,12 +147,8 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
     with JsonlAppender(manifest) as app, tqdm(total=len(todo), desc="chips", unit="chip",
                                               disable=not progress) as bar:
         for img_path, g in todo.groupby("image_path", sort=True):
-            try:
-                arr = load_rgb(img_path)
-            except DataError as e:
-                if on_error != "skip":
-                    raise
-                problems.append({"file": img_path, "line": None, "reason": e.reason})
+            arr = _load_or_skip(img_path, on_error, problems)
+            if arr is None:
                 bar.update(len(g))
                 continue
             for r in g.itertuples():
@@ -262,12 +269,8 @@ def make_background_chips(data: str | Path | DetectionDataset, out: str | Path, 
         for w in todo:
             by_image.setdefault(w["image_path"], []).append(w)
         for img_path in sorted(by_image):
-            try:
-                arr = load_rgb(img_path)
-            except DataError as e:
-                if on_error != "skip":
-                    raise
-                problems.append({"file": img_path, "line": None, "reason": e.reason})
+            arr = _load_or_skip(img_path, on_error, problems)
+            if arr is None:
                 bar.update(len(by_image[img_path]))
                 continue
             for w in by_image[img_path]:

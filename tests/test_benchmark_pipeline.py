@@ -131,20 +131,33 @@ def test_missing_stage_is_reported_not_dropped(seals, configs, tmp_path, monkeyp
     assert "Not answered" in (tmp_path / "r" / "report.md").read_text()
 
 
-def test_report_states_goal_outcome_from_paired_runs(tmp_path):
-    """Report logic on a results set in the real format (numbers chosen to exercise the verdict)."""
+def _report(tmp_path, maps: dict[str, float]) -> str:
+    """report.md for a results set in the real format, 3 seeds, with the given mean mAP50 per arm."""
     base = json.loads(json.dumps(_cfg_dict()))
     runs = []
     for seed in (0, 1, 2):
-        for arm, m in (("real", 0.30), ("copy_paste", 0.33), ("synthgen", 0.37)):
+        for arm, m in maps.items():
             runs.append({"arm": arm, "fraction": 0.1, "seed": seed, "map50": m + 0.01 * seed, "map50_95": m / 2,
                          "precision": 0.5, "recall": 0.5, "f1": 0.5, "count_mae": 1.0,
                          "ap50_per_class": {"seal": m}})
     res = {"name": "x", "scale": "tiny", "config": base, "runs": runs, "skipped_arms": {}, "example_tiles": [],
            "split": {"names": ["seal"], "counts": {"test": 1, "train": 1, "val": 1}, "leaked_groups_dropped": 0,
                      "groups": {"train": 1, "val": 1, "test": 1}}, "stages": {"ran": 0, "cached": 0}}
-    md = write_report(res, tmp_path).read_text()
+    return write_report(res, tmp_path).read_text()
+
+
+def test_report_states_goal_outcome_from_paired_runs(tmp_path):
+    md = _report(tmp_path, {"real": 0.30, "copy_paste": 0.33, "synthgen": 0.37})
     assert "+7.0 mAP50 points" in md and "**met**" in md and "beats copy-paste" in md
+    assert "Not answerable" not in md
+
+
+def test_report_refuses_to_read_differences_over_an_unlearned_baseline(tmp_path):
+    """A real-only detector near mAP50 0 makes every arm difference noise; the report must say so."""
+    md = _report(tmp_path, {"real": 0.001, "copy_paste": 0.002, "synthgen": 0.004})
+    assert "**Not answerable at this scale:**" in md and "mAP50 0.011" in md
+    assert "**Did synthetic data help?** Not shown" in md
+    assert "has not learned the task" in md
 
 
 def _cfg_dict() -> dict:

@@ -17,6 +17,8 @@ from synthgen.benchmark.config import ARMS
 from synthgen.io_utils import atomic_write, write_json
 
 METRICS = ["map50", "map50_95", "precision", "recall", "f1", "count_mae"]
+# A real-only detector below this mAP50 has not learned the task: no arm difference above it is evidence.
+BASELINE_FLOOR = 0.05
 
 
 def aggregate(runs: pd.DataFrame) -> pd.DataFrame:
@@ -52,6 +54,12 @@ def verdict(results: dict, runs: pd.DataFrame, diffs: pd.DataFrame) -> list[str]
         lines.append(f"**Not answered:** the real + synthgen arm was not run ({why}). "
                      "Only the arms below were measured; no claim about synthetic data is made.")
     else:
+        base = runs[(runs.arm == "real") & (runs.fraction == f)].map50.mean()
+        if base < BASELINE_FLOOR:
+            lines.append(f"**Not answerable at this scale:** the real-only detector reaches mAP50 {base:.3f} at "
+                         f"{f:.0%} of the real data (scale '{results['scale']}'). A detector that has not learned "
+                         "the task cannot show whether more data helps, so the differences below are noise, not "
+                         "evidence either way. Train longer (a larger scale) before reading them.")
         syn = d.loc["synthgen"]
         ok_gain = syn.mean_diff >= gain
         cp = d.loc["copy_paste"].mean_diff if "copy_paste" in d.index else None
@@ -67,8 +75,9 @@ def verdict(results: dict, runs: pd.DataFrame, diffs: pd.DataFrame) -> list[str]
             lines.append(f"Real + copy-paste vs real-only: {cp * 100:+.1f} points; real + synthgen "
                          f"{'beats' if ok_cp else 'does not beat'} copy-paste.")
         helped = (diffs[diffs.arm == "synthgen"].mean_diff > 0).any()
-        lines.append(f"**Did synthetic data help?** {'Yes, at some fractions' if helped else 'No'} (arm 3, "
-                     "real + synthgen): see the paired-difference table.")
+        answer = "Not shown (see above)" if base < BASELINE_FLOOR else "Yes, at some fractions" if helped else "No"
+        lines.append(f"**Did synthetic data help?** {answer} (arm 3, real + synthgen): see the paired-difference "
+                     "table.")
         if "pretrain_finetune" in d.index and d.loc["pretrain_finetune"].mean_diff > 0:
             pf = d.loc["pretrain_finetune"]
             lines.append(f"Pre-training on the composed tiles then fine-tuning on real (arm 5): "
@@ -84,6 +93,11 @@ def _limits(results: dict, runs: pd.DataFrame) -> list[str]:
     s = results["config"]["scales"][results["scale"]]
     out = []
     det = s["detector"]
+    base = runs[runs.arm == "real"].groupby("fraction").map50.mean()
+    if len(base) and base.min() < BASELINE_FLOOR:
+        out.append(f"the real-only detector has not learned the task (mAP50 {base.min():.3f}): "
+                   f"{det['epochs']} epochs at {det['imgsz']} px from {det['model']} are too few optimizer steps "
+                   "on this much real data")
     if det["epochs"] < 30:
         out.append(f"detectors trained for only {det['epochs']} epochs at {det['imgsz']} px (scale "
                    f"'{results['scale']}'): every arm is far from convergence, so differences are mostly noise")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -69,6 +70,7 @@ def run(args: argparse.Namespace) -> dict:
                 generate(folder, label, args.n, pool, gcfg)
             res = evaluate_samples(pool, args.chips, scorer, args.out / arm, train=args.chips)
             arms[arm] = {"model": str(folder), "guidance": mode, "seconds": round(time.time() - t0, 1),
+                         "n_generated": args.n * len(labels),
                          "overall": res["overall"], "accuracy_per_level": res["accuracy_per_level"],
                          "rare": {lab: res["per_taxon"].get(label_taxon.get(lab)) for lab in args.rare}}
     summary = {"features": args.features, "chips": str(args.chips), "n_per_taxon": args.n, "scale": args.scale,
@@ -83,19 +85,27 @@ def _f(v) -> str:
     return "-" if v is None or v != v else f"{v:.3f}"
 
 
+def _pm(p: float, n: int | None) -> str:
+    """Accuracy with 2 binomial standard errors, so arm differences can be read against sampling noise."""
+    if not n or p is None or p != p:
+        return _f(p)
+    return f"{p:.3f} ± {2 * math.sqrt(max(p * (1 - p), 1 / n) / n):.3f}"
+
+
 def markdown(s: dict) -> str:
     arms = s["arms"]
     levels = list(next(iter(arms.values()))["accuracy_per_level"]) if arms else []
     out = [f"# Generator sample quality ({s['features']}, {s['n_per_taxon']} chips per taxon, "
            f"{s['sampler']} {s['steps']} steps, scale {s['scale']})", "",
-           "| arm | FD (real floor) | KID (floor) | precision | recall | diversity (real) | taxon accuracy (real) "
+           "| arm | FD (real floor) | KID (floor) | precision | recall | diversity (real) | taxon accuracy ± 2 SE (real) "
            "| memorised share |", "|---|---|---|---|---|---|---|---|"]
     for arm, a in arms.items():
         o = a["overall"]
         out.append(f"| {arm} | {_f(o['fd']['generated'])} ({_f(o['fd']['real'])}) | {_f(o['kid']['generated'])} "
                    f"({_f(o['kid']['real'])}) | {_f(o['precision']['generated'])} | {_f(o['recall']['generated'])} | "
                    f"{_f(o['diversity']['generated'])} ({_f(o['diversity']['real'])}) | "
-                   f"{_f(o['taxon_accuracy']['generated'])} ({_f(o['taxon_accuracy']['real'])}) | "
+                   f"{_pm(o['taxon_accuracy']['generated'], a.get('n_generated'))} "
+                   f"({_f(o['taxon_accuracy']['real'])}) | "
                    f"{_f(o['memorised_share'])} |")
     out += ["", "Accuracy per rank (generated; real held-out in the last row)", "",
             "| arm | " + " | ".join(levels) + " |", "|---" * (len(levels) + 1) + "|"]

@@ -246,9 +246,10 @@ def test_sample_quality_benchmark_on_tiny_generator(aquarium, tmp_path):
     s = json.loads((out / "sample_quality.json").read_text())
     assert set(s["arms"]) == {"flat-taxonomic", "flat-cfg"}
     for arm in s["arms"].values():
-        assert arm["rare"]["starfish"]["n_generated"] == 3
+        assert arm["rare"]["starfish"]["n_generated"] == 3 and arm["n_generated"] == 6
         assert 0 <= arm["overall"]["taxon_accuracy"]["generated"] <= 1
     pools = [json.loads(x) for x in (out / "pools" / "flat-cfg" / "manifest.jsonl").read_text().splitlines()]
     assert len(pools) == 6 and {r["guidance"]["mode"] for r in pools} == {"cfg"}
     md = (out / "sample_quality.md").read_text()
     assert "| flat-taxonomic |" in md and "Rarest taxa" in md and "| flat-cfg | starfish | 3 |" in md
+    assert " ± " in md  # taxon accuracy carries its sampling error

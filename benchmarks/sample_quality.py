@@ -69,6 +69,7 @@ def run(args: argparse.Namespace) -> dict:
             for label in labels:
                 generate(folder, label, args.n, pool, gcfg)
             res = evaluate_samples(pool, args.chips, scorer, args.out / arm, train=args.chips)
+            sheet(pool, labels, args.out / arm / "sheet.png")
             arms[arm] = {"model": str(folder), "guidance": mode, "seconds": round(time.time() - t0, 1),
                          "n_generated": args.n * len(labels),
                          "overall": res["overall"], "accuracy_per_level": res["accuracy_per_level"],
@@ -79,6 +80,27 @@ def run(args: argparse.Namespace) -> dict:
     with atomic_write(args.out / "sample_quality.md", "w", encoding="utf-8") as f:
         f.write(markdown(summary))
     return summary
+
+
+def sheet(pool: Path, labels: list[str], out: Path, per_label: int = 16) -> None:
+    """One row of the first generated chips per label, for a person to compare the arms by eye."""
+    from PIL import Image, ImageDraw
+
+    from synthgen.io_utils import atomic_save_image, read_jsonl
+
+    rows = {lab: [] for lab in labels}
+    for r in sorted(read_jsonl(pool / "manifest.jsonl"), key=lambda r: r["index"]):
+        if r["query"] in rows and len(rows[r["query"]]) < per_label:
+            rows[r["query"]].append(pool / r["file"])
+    size = max((Image.open(f).size[0] for fs in rows.values() for f in fs[:1]), default=32)
+    head, pad = 72, 2
+    im = Image.new("RGB", (head + per_label * (size + pad), len(labels) * (size + pad) + pad), "white")
+    for i, (lab, files) in enumerate(rows.items()):
+        y = pad + i * (size + pad)
+        ImageDraw.Draw(im).text((2, y + size // 2 - 6), lab, fill="black")
+        for j, f in enumerate(files):
+            im.paste(Image.open(f).convert("RGB").resize((size, size)), (head + j * (size + pad), y))
+    atomic_save_image(im, out)
 
 
 def _f(v) -> str:

@@ -99,28 +99,48 @@ def _state(tmp_path, items, cfg, sizes):
     return {"cfg": cfg, "items": items, "out": tmp_path, "sizes": sizes}
 
 
+def _ellipse_on_white(tmp_path, axes, cfg, box_side: float):
+    """A one-chip pool of a known black ellipse, a white 400 px tile, and a compose worker whose
+    dataset boxes are all `box_side` px: returns (tile path, output folder)."""
+    import pandas as pd
+
+    chip = _ellipse_chip(axes=axes)
+    mask = np.zeros(chip.shape[:2], np.uint8)
+    cv2.ellipse(mask, (45, 45), axes, 0, 0, 360, 255, -1)
+    pool = _write_pool(tmp_path / "pool", [chip], "seal", masks=[mask])
+    bg = tmp_path / "bg.png"
+    Image.fromarray(np.full((400, 400, 3), 255, np.uint8)).save(bg)
+    items = [{"pool": str(pool), "file": str(pool / "c0.png"), "rel": "c0.png", "label": "seal",
+              "taxon": "Phoca vitulina", "cls": 0, "mask": str(pool / "m0.png"), "mask_method": "given"}]
+    sizes = DatasetSizes(pd.DataFrame({"xmin": [0.0], "ymin": [0.0], "xmax": [box_side], "ymax": [box_side],
+                                       "label": ["seal"]}), jitter=0.3)
+    out = tmp_path / "out"
+    _init_worker(_state(out, items, cfg, sizes))
+    return bg, out
+
+
+def test_dataset_size_larger_than_the_tile_is_shrunk_to_fit(tmp_path):
+    """Photo datasets hold boxes that fill the frame; such a draw must fit the tile, not stop the job."""
+    cfg = ComposeConfig(max_rotation_deg=0.0, tile_aug={"p": 0, "jpeg_quality": 100},
+                        count={"distribution": "uniform", "low": 1, "high": 1},
+                        blend=BlendConfig(mix={"hard": 1.0}, color_match=0.0, shadow_p=0.0))
+    bg, out = _ellipse_on_white(tmp_path, (40, 10), cfg, box_side=900.0)
+    res = compose_tile({"image_path": str(bg), "copy": 0, "split": "train", "boxes": [],
+                        "out_rel": "images/train/bg__syn0.jpg"})
+    assert res["row"]["n_pasted"] == 1
+    x0, y0, x1, y1 = res["prov"][0]["box"]
+    assert 0 <= x0 and 0 <= y0 and x1 <= 400 and y1 <= 400 and x1 - x0 >= 0.9 * 400
+
+
 @pytest.mark.parametrize("angle_range", [0.0, 180.0])
 def test_pasted_labels_are_the_tight_box_of_the_pasted_shape(tmp_path, angle_range):
     """Known black ellipses (known alpha) pasted on a white tile: the written YOLO box equals the box
     of the dark pixels in the output image, and its size equals the rotated ellipse's analytic extent."""
     a, b = 24, 12
-    chip = _ellipse_chip(axes=(a, b))
-    mask = np.zeros(chip.shape[:2], np.uint8)
-    cv2.ellipse(mask, (45, 45), (a, b), 0, 0, 360, 255, -1)
-    pool = _write_pool(tmp_path / "pool", [chip], "seal", masks=[mask])
-    bg = tmp_path / "bg.png"
-    Image.fromarray(np.full((400, 400, 3), 255, np.uint8)).save(bg)
     cfg = ComposeConfig(max_rotation_deg=angle_range, max_overlap=0.0, tile_aug={"p": 0, "jpeg_quality": 100},
                         count={"distribution": "uniform", "low": 4, "high": 4},
                         blend=BlendConfig(mix={"hard": 1.0}, color_match=0.0, shadow_p=0.0))
-    items = [{"pool": str(pool), "file": str(pool / "c0.png"), "rel": "c0.png", "label": "seal",
-              "taxon": "Phoca vitulina", "cls": 0, "mask": str(pool / "m0.png"), "mask_method": "given"}]
-    import pandas as pd
-
-    sizes = DatasetSizes(pd.DataFrame({"xmin": [0.0], "ymin": [0.0], "xmax": [40.0], "ymax": [40.0],
-                                       "label": ["seal"]}), jitter=0.3)
-    out = tmp_path / "out"
-    _init_worker(_state(out, items, cfg, sizes))
+    bg, out = _ellipse_on_white(tmp_path, (a, b), cfg, box_side=40.0)
     checked = 0
     for k in range(4):
         res = compose_tile({"image_path": str(bg), "copy": k, "split": "train", "boxes": [],

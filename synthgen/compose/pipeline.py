@@ -240,9 +240,9 @@ def compose_tile(job: dict) -> dict:
         if gsd is not None:
             hw, hh = _rotated_extent(hull, 0.0)
             scale = physical_length_px(st["body_lengths"][it["label"]], gsd, rng, cfg.scale.jitter) / max(hw, hh)
-        else:
-            scale = st["sizes"].sample(it["label"], rng) / math.sqrt(ew * eh)
-        if ew * scale > tw or eh * scale > th:
+        else:  # a size drawn from the dataset's boxes (some fill a photo) is shrunk to fit this tile
+            scale = min(st["sizes"].sample(it["label"], rng) / math.sqrt(ew * eh), 0.95 * tw / ew, 0.95 * th / eh)
+        if ew * scale > tw or eh * scale > th:  # physical size (GSD) larger than the tile: the input is wrong
             raise SynthgenError(f"{job['image_path']}: tile {tw}x{th} is smaller than instance {it['file']} at "
                                 f"scale {scale:.2f} ({ew * scale:.0f}x{eh * scale:.0f} px)")
         fg, a = transform_instance(rgb, alpha, scale, angle, hflip, vflip, pad)

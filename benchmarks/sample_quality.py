@@ -74,6 +74,7 @@ def run(args: argparse.Namespace) -> dict:
                          "n_generated": args.n * len(labels),
                          "overall": res["overall"], "accuracy_per_level": res["accuracy_per_level"],
                          "rare": {lab: res["per_taxon"].get(label_taxon.get(lab)) for lab in args.rare}}
+    sheet(args.chips, labels, args.out / "real_heldout_sheet.png", splits=("val", "valid"))
     summary = {"features": args.features, "chips": str(args.chips), "n_per_taxon": args.n, "scale": args.scale,
                "steps": args.steps, "sampler": args.sampler, "arms": arms}
     write_json(args.out / "sample_quality.json", summary)
@@ -82,16 +83,18 @@ def run(args: argparse.Namespace) -> dict:
     return summary
 
 
-def sheet(pool: Path, labels: list[str], out: Path, per_label: int = 16) -> None:
-    """One row of the first generated chips per label, for a person to compare the arms by eye."""
+def sheet(pool: Path, labels: list[str], out: Path, per_label: int = 16, splits: tuple[str, ...] = ()) -> None:
+    """One row of the first chips per label (a generated pool, or real chips of `splits`), for a person
+    to compare the arms with real chips by eye."""
     from PIL import Image, ImageDraw
 
     from synthgen.io_utils import atomic_save_image, read_jsonl
 
     rows = {lab: [] for lab in labels}
-    for r in sorted(read_jsonl(pool / "manifest.jsonl"), key=lambda r: r["index"]):
-        if r["query"] in rows and len(rows[r["query"]]) < per_label:
-            rows[r["query"]].append(pool / r["file"])
+    for r in read_jsonl(pool / "manifest.jsonl"):
+        lab = r.get("query", r.get("label"))
+        if lab in rows and len(rows[lab]) < per_label and (not splits or r.get("split") in splits):
+            rows[lab].append(pool / r["file"])
     size = max((Image.open(f).size[0] for fs in rows.values() for f in fs[:1]), default=32)
     head, pad = 72, 2
     im = Image.new("RGB", (head + per_label * (size + pad), len(labels) * (size + pad) + pad), "white")

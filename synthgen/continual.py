@@ -35,6 +35,7 @@ from synthgen.device import autocast, resolve_device
 from synthgen.errors import SynthgenError
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.models import ConditionedUNet, TaxonomyEncoder, TaxonVocab
+from synthgen.models.prediction import training_target
 from synthgen.train.data import load_chips
 from synthgen.train.trainer import _gen, _opt_state_from_tensors, _opt_state_to_tensors, drop_conditions
 
@@ -310,6 +311,7 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
     noise_sched = DDPMScheduler.from_config(sched_cfg)
     T = noise_sched.config.num_train_timesteps
     alphas = noise_sched.alphas_cumprod.to(device)
+    ptype = noise_sched.config.prediction_type  # the base model's parameterisation
     model.to(device).train()
     opt = torch.optim.AdamW(train_params, lr=cfg.lr, weight_decay=0.0)
 
@@ -363,7 +365,7 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
         a = alphas[t].view(-1, 1, 1, 1)
         xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
         with autocast(device):
-            loss = F.mse_loss(model(xt, t, codes).float(), noise)
+            loss = F.mse_loss(model(xt, t, codes).float(), training_target(x0, noise, a, ptype))
             if teacher is not None:
                 with torch.no_grad():
                     target = teacher(xt, t, keep_codes).float()

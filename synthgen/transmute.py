@@ -24,6 +24,7 @@ from synthgen.errors import SynthgenError
 from synthgen.guidance import GuidanceConfig, combine, reference_codes
 from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
 from synthgen.models import ConditionedUNet
+from synthgen.models.prediction import eps_and_x0
 from synthgen.pipelines.generate import _slug, image_seed, resolve_targets
 from synthgen.pipelines.sampling import make_scheduler
 
@@ -48,7 +49,7 @@ def _ddim_timesteps(sched_config: dict, steps: int, t_start: int) -> list[int]:
 
 
 @torch.inference_mode()
-def _eps(model: ConditionedUNet, x: torch.Tensor, t: int, emb: torch.Tensor, emb_ref: torch.Tensor | None,
+def _model_out(model: ConditionedUNet, x: torch.Tensor, t: int, emb: torch.Tensor, emb_ref: torch.Tensor | None,
          scale: float) -> torch.Tensor:
     dev = x.device
     tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
@@ -66,6 +67,7 @@ def transmute_tensor(model: ConditionedUNet, sched_config: dict, x0: torch.Tenso
     """x0 [B,3,S,S] in [-1,1] -> transmuted images in [-1,1] (B,3,S,S), on CPU."""
     dev = next(model.parameters()).device
     ac = make_scheduler("ddim", sched_config).alphas_cumprod.to(dev)
+    ptype = sched_config.get("prediction_type", "epsilon")
     x0 = x0.to(dev)
     b = x0.shape[0]
     down = _ddim_timesteps(sched_config, cfg.steps, t_start)
@@ -86,8 +88,7 @@ def transmute_tensor(model: ConditionedUNet, sched_config: dict, x0: torch.Tenso
         prev_t = -1
         for t in up:
             a_prev = ac[prev_t] if prev_t >= 0 else torch.tensor(1.0, device=dev)
-            eps = _eps(model, x, max(prev_t, 0), emb_from, None, 1.0)
-            x0_hat = (x - (1 - a_prev).sqrt() * eps) / a_prev.sqrt()
+            eps, x0_hat = eps_and_x0(_model_out(model, x, max(prev_t, 0), emb_from, None, 1.0), x, a_prev, ptype)
             x = ac[t].sqrt() * x0_hat + (1 - ac[t]).sqrt() * eps
             prev_t = t
     n = len(down)
@@ -95,8 +96,9 @@ def transmute_tensor(model: ConditionedUNet, sched_config: dict, x0: torch.Tenso
         a_t = ac[t]
         a_prev = ac[down[i + 1]] if i + 1 < n else torch.tensor(1.0, device=dev)
         guided = cfg.guidance.active(i, n) and cfg.guidance.mode != "none"
-        eps = _eps(model, x, t, emb_to, emb_ref if guided else None, cfg.guidance.scale)
-        x0_hat = ((x - (1 - a_t).sqrt() * eps) / a_t.sqrt()).clamp(-1, 1)
+        eps, x0_hat = eps_and_x0(_model_out(model, x, t, emb_to, emb_ref if guided else None, cfg.guidance.scale), x, a_t,
+                                 ptype)
+        x0_hat = x0_hat.clamp(-1, 1)
         x = a_prev.sqrt() * x0_hat + (1 - a_prev).sqrt() * eps
     return x.float().clamp(-1, 1).cpu()
 

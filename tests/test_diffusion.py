@@ -101,6 +101,24 @@ def test_reference_codes():
         reference_codes((1, 2, 3, 4), "taxonomic", "tribe", levels)
 
 
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_prediction_target_inverts_to_noise_and_image(prediction_type):
+    """The training target and the sampler's (noise, x0) recovery are exact inverses at every noise level,
+    including a -> 0 where v keeps x0 recoverable and epsilon does not."""
+    from synthgen.models.prediction import eps_and_x0, training_target
+
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.rand(5, 3, 8, 8, generator=g) * 2 - 1, torch.randn(5, 3, 8, 8, generator=g)
+    a = torch.tensor([0.999, 0.5, 0.1, 1e-3, 1e-9], dtype=torch.float64).view(-1, 1, 1, 1)
+    x0, noise = x0.double(), noise.double()
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+    eps, x0_hat = eps_and_x0(training_target(x0, noise, a, prediction_type), xt, a, prediction_type)
+    assert torch.allclose(eps, noise, atol=1e-6)
+    assert torch.allclose(x0_hat, x0, atol=1e-4 if prediction_type == "epsilon" else 1e-9)
+    if prediction_type == "v_prediction":  # at zero SNR the output alone carries x0: -v = x0
+        assert torch.allclose(-training_target(x0, noise, a, prediction_type)[-1], x0[-1], atol=1e-4)
+
+
 def test_plan_stages_progressive_and_flat(chips):
     data = load_chips(chips, 32)
     vocab = TaxonVocab.from_lineages(data.lineages)

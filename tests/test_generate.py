@@ -98,12 +98,16 @@ def test_guidance_modes_differ(model_dir):
     assert torch.equal(off, outs[("none", "parent", "ddim")])
 
 
-def test_fast_ddim_matches_diffusers_step(model_dir):
-    """The pre-computed DDIM update equals diffusers' DDIMScheduler.step on the same model."""
+@pytest.mark.parametrize("prediction", [("v_prediction", "trailing"), ("epsilon", "leading")])
+def test_fast_ddim_matches_diffusers_step(model_dir, prediction):
+    """The pre-computed DDIM update equals diffusers' DDIMScheduler.step on the same model, for
+    v-prediction (the default for new models) and for epsilon models trained before it."""
     from synthgen.guidance import combine
     from synthgen.pipelines import make_scheduler
 
     model, sched_cfg = load_model(model_dir, torch.device("cpu"))
+    assert (sched_cfg["prediction_type"], sched_cfg["timestep_spacing"]) == ("v_prediction", "trailing")
+    sched_cfg = {**sched_cfg, "prediction_type": prediction[0], "timestep_spacing": prediction[1]}
     noise = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(3))
     codes = torch.tensor([[1] * len(model.vocab.levels)] * 2)
     codes[:, 3:] = 0
@@ -197,6 +201,7 @@ def test_cli_generate_killed_then_resumed(model_dir, tmp_path):
 def _previous_ddim(model, sched_cfg, noise, codes, refs, steps, scale):
     """The guided DDIM loop as it was before the feature cache (reference for bit-identity)."""
     from synthgen.guidance import combine
+    from synthgen.models.prediction import eps_and_x0
     from synthgen.pipelines import make_scheduler
 
     s = make_scheduler("ddim", sched_cfg)
@@ -210,9 +215,8 @@ def _previous_ddim(model, sched_cfg, noise, codes, refs, steps, scale):
         a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], s.final_alpha_cumprod)
         for t, a, p in zip(s.timesteps, ac[s.timesteps], a_prev, strict=True):
             out = model.unet(torch.cat([x, x]), t, class_labels=emb).sample.float()
-            eps = combine(out[:b], out[b:], scale)
-            x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
-            x = p.sqrt() * x0 + (1 - p).sqrt() * eps
+            eps, x0 = eps_and_x0(combine(out[:b], out[b:], scale), x, a, sched_cfg["prediction_type"])
+            x = p.sqrt() * x0.clamp(-1, 1) + (1 - p).sqrt() * eps
     return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
 
 

@@ -253,4 +253,4 @@ def test_sample_quality_benchmark_on_tiny_generator(aquarium, tmp_path):
     md = (out / "sample_quality.md").read_text()
     assert "| flat-taxonomic |" in md and "Rarest taxa" in md and "| flat-cfg | starfish | 3 |" in md
     assert " ± " in md  # taxon accuracy carries its sampling error
-    assert (out / "flat-cfg" / "sheet.png").stat().st_size > 100
+    assert (out / "flat-cfg" / "sheet.png").stat().st_size > 100 and (out / "real_heldout_sheet.png").exists()

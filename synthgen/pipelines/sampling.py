@@ -23,6 +23,7 @@ from synthgen.device import autocast
 from synthgen.errors import SynthgenError
 from synthgen.guidance import GuidanceConfig, combine
 from synthgen.models import ConditionedUNet
+from synthgen.models.prediction import eps_and_x0
 
 SAMPLERS = ("ddim", "dpm", "euler")
 _SHALLOW_DOWN = ("DownBlock2D", "AttnDownBlock2D")
@@ -119,6 +120,7 @@ class GuidedSampler:
         compile = compile and cache_interval == 1 and self.device.type == "cuda"
         self.unet = torch.compile(model.unet) if compile else model.unet
         self.clip = bool(sched_config.get("clip_sample", True))
+        self.prediction_type = sched_config.get("prediction_type", "epsilon")
 
     @torch.inference_mode()
     def __call__(self, noise: torch.Tensor, codes: torch.Tensor, ref_codes: torch.Tensor,
@@ -139,7 +141,7 @@ class GuidedSampler:
             prev = timesteps - sched.config.num_train_timesteps // self.steps
             a_t = ac[timesteps]
             a_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], sched.final_alpha_cumprod.to(dev))
-            coef = [(a.sqrt(), (1 - a).sqrt(), p.sqrt(), (1 - p).sqrt()) for a, p in zip(a_t, a_prev, strict=True)]
+            coef = [(a, p.sqrt(), (1 - p).sqrt()) for a, p in zip(a_t, a_prev, strict=True)]
         deep, deep_guided = None, None
         for i, t in enumerate(timesteps):
             xin = x if ddim else sched.scale_model_input(x, t)
@@ -154,13 +156,13 @@ class GuidedSampler:
                 else:
                     out = shallow_forward(self.unet, inp, t, cond, deep)
             out = out.float()
-            eps = combine(out[:b], out[b:], guidance.scale) if guided else out
+            pred = combine(out[:b], out[b:], guidance.scale) if guided else out
             if ddim:
-                sa, s1a, sp, s1p = coef[i]
-                x0 = (x - s1a * eps) / sa
+                a, sp, s1p = coef[i]
+                eps, x0 = eps_and_x0(pred, x, a, self.prediction_type)
                 if self.clip:
                     x0 = x0.clamp(-1, 1)
                 x = sp * x0 + s1p * eps
             else:
-                x = sched.step(eps, t, x, return_dict=False)[0]
+                x = sched.step(pred, t, x, return_dict=False)[0]
         return ((x.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()

@@ -48,6 +48,8 @@ class TrainConfig(YamlConfig):
     p_drop: float = 0.3
     hflip: bool = True
     num_train_timesteps: int = 1000
+    # v at zero terminal SNR lets the first sampling steps set colour and layout (synthgen.models.prediction)
+    prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "squaredcos_cap_v2"
 
     checkpoint_every: int = 500

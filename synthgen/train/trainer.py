@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from synthgen.errors import SynthgenError
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.models import ConditionedUNet, TaxonVocab
+from synthgen.models.prediction import training_target
 from synthgen.train.config import TrainConfig
 from synthgen.train.data import ChipSet, load_chips
 
@@ -263,7 +264,10 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     torch.manual_seed(cfg.seed)
     model = ConditionedUNet.create(cfg.preset, cfg.image_size, vocab, cfg.mlp)
     ema = _EMA(model, cfg.ema_decay)
-    noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule)
+    noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                                prediction_type=cfg.prediction_type,
+                                # sampling starts at the last timestep (zero SNR) only where v makes that work
+                                timestep_spacing="trailing" if cfg.prediction_type == "v_prediction" else "leading")
     alphas = noise_sched.alphas_cumprod.to(acc.device)
 
     ckdir = out / "checkpoints"
@@ -347,7 +351,7 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
                 xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
                 with acc.accumulate(pmodel):
                     pred = pmodel(xt, t, codes)
-                    loss = F.mse_loss(pred.float(), noise)
+                    loss = F.mse_loss(pred.float(), training_target(x0, noise, a, cfg.prediction_type))
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.grad_clip:
                         acc.clip_grad_norm_(params, cfg.grad_clip)

@@ -162,3 +162,15 @@ def test_report_refuses_to_read_differences_over_an_unlearned_baseline(tmp_path)
 
 def _cfg_dict() -> dict:
     return BenchmarkConfig(name="x", dataset="/tmp", scales={"tiny": ScaleConfig()}).model_dump(mode="json")
+
+
+def test_generator_stage_key_covers_train_defaults():
+    """The generator stage is keyed on the resolved TrainConfig: a default spelled out gives the same key,
+    and a changed default (here the prediction type) gives a new one, so no stale generator is reused."""
+    from synthgen.benchmark.cache import stage_hash
+    from synthgen.benchmark.synthetic import generator_config
+
+    implicit = stage_hash(generator_config(0, preset="tiny"))
+    assert implicit == stage_hash(generator_config(0, preset="tiny", prediction_type="v_prediction"))
+    assert implicit != stage_hash(generator_config(0, preset="tiny", prediction_type="epsilon"))
+    assert implicit != stage_hash(generator_config(1, preset="tiny"))

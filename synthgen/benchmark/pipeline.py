@@ -115,7 +115,7 @@ class Benchmark:
             c.dataset, train_images, d, c.taxonomy, **s.chips))}, resumable=True)
         pool, pool_key = self.work / cell / "chips", chips_key
         if kind == "synthgen":
-            gen_key = stage_hash("generator", chips_key, s.generator, seed)
+            gen_key = stage_hash("generator", chips_key, synthetic.generator_config(seed, **s.generator), seed)
             self.cache.run(f"{cell}/generator", gen_key,
                            lambda d: {"dir": str(synthetic.train_generator(pool, d, seed=seed, **s.generator))},
                            resumable=True)

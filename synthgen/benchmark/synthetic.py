@@ -40,10 +40,15 @@ def chips(dataset: str, train_images: list[str], out: Path, taxonomy: str | None
     return out
 
 
+def generator_config(seed: int, **kw: Any):
+    """The resolved TrainConfig of a cell's generator: its hash keys the stage, so a changed default
+    (e.g. the prediction type) retrains instead of reusing a stale generator."""
+    return _fn("synthgen.train.config", "TrainConfig")(**({"seed": seed} | kw))
+
+
 def train_generator(chips_dir: Path, out: Path, seed: int, **kw: Any) -> Path:
     """The diffusion generator, trained on this cell's chips only (synthgen.train)."""
-    cfg = _fn("synthgen.train.config", "TrainConfig")(**({"seed": seed} | kw))
-    _fn("synthgen.train.trainer", "train")(cfg, out, chips=chips_dir, progress=False)
+    _fn("synthgen.train.trainer", "train")(generator_config(seed, **kw), out, chips=chips_dir, progress=False)
     return out
 
 

@@ -50,7 +50,7 @@ def _ddim_timesteps(sched_config: dict, steps: int, t_start: int) -> list[int]:
 
 @torch.inference_mode()
 def _model_out(model: ConditionedUNet, x: torch.Tensor, t: int, emb: torch.Tensor, emb_ref: torch.Tensor | None,
-         scale: float) -> torch.Tensor:
+               scale: float) -> torch.Tensor:
     dev = x.device
     tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
     with autocast(dev):

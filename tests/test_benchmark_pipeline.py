@@ -157,6 +157,7 @@ def test_report_refuses_to_read_differences_over_an_unlearned_baseline(tmp_path)
     md = _report(tmp_path, {"real": 0.001, "copy_paste": 0.002, "synthgen": 0.004})
     assert "**Not answerable at this scale:**" in md and "mAP50 0.011" in md
     assert "**Did synthetic data help?** Not shown" in md
+    assert "beats copy-paste" not in md and "no ranking of the two at this scale" in md
     assert "has not learned the task" in md
 
 

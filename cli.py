@@ -197,7 +197,7 @@ def demo_cmd(
     data: Path = typer.Option(Path("../shared/data"), help="folder holding aquarium/ and glacierbay-seals/"),
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
 ) -> None:
-    """The main job end to end on the shared data (for now: inspect, taxonomy, chips); resumable."""
+    """A tour of the data steps on the shared data: inspect, resolve labels, cut chips; resumable."""
     from synthgen.demo import run_demo
     from synthgen.errors import SynthgenError
 

@@ -1,6 +1,6 @@
-"""`synthgen demo`: the main job end to end on the shared data (../shared/data).
+"""`synthgen demo`: a tour of the data and taxonomy steps on the shared data (../shared/data).
 
-For now the data and taxonomy steps: inspect both datasets, resolve every label through the shipped
+The main job end to end is `synthgen benchmark` (README). This tour inspects both datasets, resolve every label through the shipped
 taxonomy, cut training chips of the train split. Every step is resumable (chips skip what the
 manifest already holds), so a rerun after a kill finishes the job.
 """

@@ -175,3 +175,14 @@ def test_generator_stage_key_covers_train_defaults():
     assert implicit == stage_hash(generator_config(0, preset="tiny", prediction_type="v_prediction"))
     assert implicit != stage_hash(generator_config(0, preset="tiny", prediction_type="epsilon"))
     assert implicit != stage_hash(generator_config(1, preset="tiny"))
+
+
+def test_filter_stage_key_covers_filter_and_judge_defaults():
+    """Likewise the filter stage: keyed on the resolved FilterConfig and JudgeConfig."""
+    from synthgen.benchmark.cache import stage_hash
+    from synthgen.benchmark.synthetic import filter_config
+
+    implicit = stage_hash(filter_config(0, score="p_animal"))
+    assert implicit == stage_hash(filter_config(0, score="p_animal", copy_percentile=99.0, scorer="judge"))
+    assert implicit != stage_hash(filter_config(0, score="p_animal", copy_percentile=None))
+    assert implicit != stage_hash(filter_config(0, score="p_animal", judge={"epochs": 3}))

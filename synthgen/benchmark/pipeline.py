@@ -124,7 +124,7 @@ class Benchmark:
                 self.work / cell / "generator", d, seed=seed, **s.generate))}, resumable=True)
             pool = self.work / cell / "generated"
             if s.filter is not None:
-                pool_key = stage_hash("filter", pool_key, chips_key, s.filter, seed)
+                pool_key = stage_hash("filter", pool_key, chips_key, synthetic.filter_config(seed, **s.filter), seed)
                 self.cache.run(f"{cell}/filtered", pool_key, lambda d: {"dir": str(synthetic.filter_generated(
                     self.work / cell / "generated", self.work / cell / "chips", d, seed=seed, dataset=c.dataset,
                     train_images=train_images, **s.filter))},

@@ -95,6 +95,16 @@ def _background_chips(dataset: str, train_images: list[str], chips_dir: Path, ou
     return _reference_chips(out / "background_chips", out / "background", val_fraction)
 
 
+def filter_config(seed: int, scorer: str = "judge", judge: dict | None = None, val_fraction: float = 0.2,
+                  background: bool | None = None, **kw: Any) -> dict:
+    """A cell's resolved filter settings (FilterConfig and JudgeConfig with their defaults): their hash keys
+    the stage, so a changed default (e.g. the near-copy bar) refilters instead of reusing stale picks."""
+    judge_cfg = importlib.import_module("synthgen.scoring").JudgeConfig(**({"seed": seed} | (judge or {})))
+    return {"scorer": scorer, "judge": judge_cfg.model_dump(mode="json"), "val_fraction": val_fraction,
+            "background": background,
+            "filter": importlib.import_module("synthgen.filter").FilterConfig(**kw).model_dump(mode="json")}
+
+
 def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: str = "judge",
                      judge: dict | None = None, val_fraction: float = 0.2, background: bool | None = None,
                      dataset: str | None = None, train_images: list[str] | None = None, **kw: Any) -> Path:

@@ -25,6 +25,10 @@ def test_stage_cache_skips_reruns_and_rebuilds_on_change(tmp_path):
     before = stage_hash({"config": str(cfg)})
     cfg.write_text("count: {mean: 5}\n")
     assert stage_hash({"config": str(cfg)}) != before  # a named config file hashes by content
+    other = tmp_path / "checkout2" / "compose.yaml"  # ... not by path: another checkout keeps the cache
+    other.parent.mkdir()
+    other.write_text(cfg.read_text())
+    assert stage_hash({"config": str(other)}) == stage_hash({"config": str(cfg)})
     assert c.run("a", stage_hash({"lr": 1}), build) == {"n": 1}
     assert c.run("a", stage_hash({"lr": 1}), build) == {"n": 1} and calls == ["a"]
     assert c.run("a", stage_hash({"lr": 2}), build) == {"n": 2}

@@ -19,14 +19,15 @@ from synthgen.io_utils import write_json
 
 
 def _with_file_contents(x: Any) -> Any:
-    """Config values naming a YAML file (e.g. `compose: {config: configs/compose/X.yaml}`) hash by
-    content too, so editing that file redoes the stage."""
+    """Config values naming a file (a taxonomy CSV, `compose: {config: configs/compose/X.yaml}`) hash by
+    name and content, not by path: editing the file redoes the stage, running from another checkout
+    does not."""
     if isinstance(x, dict):
         return {k: _with_file_contents(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_with_file_contents(v) for v in x]
-    if isinstance(x, str) and x.endswith((".yaml", ".yml")) and Path(x).is_file():
-        return {"file": x, "sha256": hashlib.sha256(Path(x).read_bytes()).hexdigest()}
+    if isinstance(x, str) and x and Path(x).is_file():
+        return {"file": Path(x).name, "sha256": hashlib.sha256(Path(x).read_bytes()).hexdigest()}
     return x
 
 

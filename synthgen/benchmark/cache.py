@@ -18,15 +18,18 @@ from typing import Any
 from synthgen.io_utils import write_json
 
 
+CONFIG_SUFFIXES = (".yaml", ".yml", ".csv", ".json")
+
+
 def _with_file_contents(x: Any) -> Any:
-    """Config values naming a file (a taxonomy CSV, `compose: {config: configs/compose/X.yaml}`) hash by
-    name and content, not by path: editing the file redoes the stage, running from another checkout
-    does not."""
+    """Config values naming a config file (a taxonomy CSV, `compose: {config: configs/compose/X.yaml}`)
+    hash by name and content, not by path: editing the file redoes the stage, running from another
+    checkout does not. Data files (label .txt lists) stay paths."""
     if isinstance(x, dict):
         return {k: _with_file_contents(v) for k, v in x.items()}
     if isinstance(x, list | tuple):
         return [_with_file_contents(v) for v in x]
-    if isinstance(x, str) and x and Path(x).is_file():
+    if isinstance(x, str) and x.endswith(CONFIG_SUFFIXES) and Path(x).is_file():
         return {"file": Path(x).name, "sha256": hashlib.sha256(Path(x).read_bytes()).hexdigest()}
     return x
 

@@ -17,7 +17,6 @@ from typing import Any
 
 from synthgen.io_utils import write_json
 
-
 CONFIG_SUFFIXES = (".yaml", ".yml", ".csv", ".json")
 
 

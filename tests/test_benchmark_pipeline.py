@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -103,7 +104,11 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
     assert "At 1% of the real data, real + synthgen vs real-only" in md and "## Results" in md
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and 'src="map_vs' not in html
-    assert (out / "example_synthetic_tiles.png").is_file()
+    assert (out / "example_synthetic_tiles.png").is_file() and (out / "example_instances.png").is_file()
+    inst = res["example_instances"]  # what the generator drew, kept and rejected, beside the real chips
+    assert len(inst["generated, kept"]) == 4 and all(Path(f).is_file() for v in inst.values() for f in v)
+    assert inst["real training chips"] and {Path(f).name for f in inst["real training chips"]} <= {
+        Path(json.loads(x)["file"]).name for x in (cell / "chips" / "manifest.jsonl").read_text().splitlines()}
     assert json.loads((out / "results.json").read_text())["runs"] == json.loads(json.dumps(runs))
 
     # second run: everything cached, identical numbers

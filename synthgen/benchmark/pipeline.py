@@ -226,6 +226,7 @@ class Benchmark:
         results = {
             "name": self.cfg.name, "scale": self.scale_name, "config": self.cfg.model_dump(mode="json"),
             "split": self.split_info, "runs": rows, "skipped_arms": skipped, "example_tiles": examples,
+            "example_instances": self._example_instances(),
             "generators": self._generator_summary(),
             "stages": {"ran": len(self.cache.ran), "cached": len(self.cache.skipped)},
         }
@@ -246,6 +247,28 @@ class Benchmark:
                     f = json.loads(filt.read_text())
                     out[cell.name] |= {"generated": f["n"], "kept": f["kept"], "score": f["score"]}
         return out
+
+    def _example_instances(self, n: int = 16) -> dict[str, list[str]]:
+        """Real training chips, and generated chips the filter kept and rejected, of the first cell that
+        has a generator: what the generator draws, beside what it learned from."""
+        import json
+
+        for cell in sorted(self.work.glob("cells/*")):
+            gen = cell / "filtered" / "kept"
+            if not (gen / "manifest.jsonl").is_file():
+                gen = cell / "generated"
+                if not (gen / "manifest.jsonl").is_file():
+                    continue
+
+            def files(folder: Path) -> list[str]:
+                m = folder / "manifest.jsonl"
+                rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else []
+                return [str(folder / r["file"]) for r in rows[:n]]
+
+            real = sorted((cell / "chips" / "train").rglob("*.png"))[:n]
+            return {"real training chips": [str(p) for p in real], "generated, kept": files(gen),
+                    "generated, rejected by the filter": files(gen / "rejected")}
+        return {}
 
     def _example_tiles(self, n: int = 6) -> list[str]:
         """A few composed synthgen training tiles for the report (first cell that has them)."""

@@ -129,7 +129,8 @@ def _png(fig) -> bytes:
     return buf.getvalue()
 
 
-def plots(agg: pd.DataFrame, taxa: pd.DataFrame, examples: list[str], names: list[str]) -> dict[str, bytes]:
+def plots(agg: pd.DataFrame, taxa: pd.DataFrame, examples: list[str], names: list[str],
+          instances: dict[str, list[str]] | None = None) -> dict[str, bytes]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -176,6 +177,20 @@ def plots(agg: pd.DataFrame, taxa: pd.DataFrame, examples: list[str], names: lis
             ax.imshow(im)
             ax.axis("off")
         out["example_synthetic_tiles.png"] = _png(fig)
+    rows = {k: v for k, v in (instances or {}).items() if v}
+    if rows:
+        from PIL import Image
+
+        cols = max(len(v) for v in rows.values())
+        fig, axes = plt.subplots(len(rows), cols, figsize=(0.8 * cols, 1.0 * len(rows)), squeeze=False)
+        for r, (title, files) in enumerate(rows.items()):
+            for c in range(cols):
+                ax = axes[r, c]
+                ax.axis("off")
+                if c < len(files):
+                    ax.imshow(Image.open(files[c]).convert("RGB"))
+            axes[r, 0].set_title(title, fontsize=8, loc="left")
+        out["example_instances.png"] = _png(fig)
     return out
 
 
@@ -196,8 +211,11 @@ def _filter_line(f: dict | None) -> str:
     rule = {"fixed": f"score >= {f.get('threshold', 0.5)}", "topk": f"top {f.get('top_k', 100)} per taxon",
             "calibrated": f"score >= the {f.get('percentile', 10.0):g}th percentile of the cell's held-out real "
                           "chips"}[mode]
+    pct, cos = f.get("copy_percentile", 99.0), f.get("copy_cosine", 0.98)
+    copies = ("" if cos is None else f", and so are near-copies: chips closer to a training chip than cosine {cos}"
+              + ("" if pct is None else f" and than {pct:g}% of the held-out real chips are"))
     return (f"- Generated instances are filtered before composing: `{f.get('score', 'p_taxon')}` from {who}, kept if "
-            f"{rule}; near-duplicates and near-copies of training chips are rejected.")
+            f"{rule}; near-duplicates are rejected{copies}.")
 
 
 def write_report(results: dict, out: str | Path) -> Path:
@@ -215,7 +233,7 @@ def write_report(results: dict, out: str | Path) -> Path:
     else:
         agg, diffs, taxa = pd.DataFrame(), pd.DataFrame(columns=["arm", "fraction", "mean_diff"]), pd.DataFrame()
     v = verdict(results, runs, diffs[diffs.metric == "map50"] if len(diffs) else diffs)
-    imgs = plots(agg, taxa, results.get("example_tiles", []), names) if len(agg) else {}
+    imgs = plots(agg, taxa, results.get("example_tiles", []), names, results.get("example_instances")) if len(agg) else {}
     for k, b in imgs.items():
         with atomic_write(out / k, "wb") as f:
             f.write(b)

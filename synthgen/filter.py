@@ -35,10 +35,10 @@ class FilterConfig(YamlConfig):
     top_k: int = Field(100, ge=1, description="topk: best k per taxon")
     dedup_cosine: float | None = Field(0.97, description="reject a chip this close to a better kept one")
     copy_cosine: float | None = Field(0.98, description="reject a chip this close to a training chip")
-    copy_percentile: float | None = Field(
-        99.0, ge=0, le=100, description="with held-out real chips, raise the near-copy bar to this percentile of "
-        "their similarity to the nearest training chip: in a scorer's features, new real animals of one species "
-        "often sit closer than copy_cosine to some training chip, and they are not copies")
+    distinct_percentile: float | None = Field(
+        99.0, ge=0, le=100, description="with held-out real chips, raise both bars above to this percentile of "
+        "their similarity to their nearest training chip: in a scorer's features, distinct real animals of one "
+        "species often sit closer than the fixed bars, and they are neither copies nor duplicates")
     batch_size: int = Field(64, ge=1)
     link: Literal["hardlink", "symlink", "copy"] = "hardlink"
 
@@ -112,6 +112,11 @@ def _place(src: Path, dst: Path, how: str) -> None:
     os.replace(tmp, dst)
 
 
+def raised(bar: float | None, distinct: float | None) -> float | None:
+    """A fixed similarity bar (None: check off), raised to `distinct` where that is higher."""
+    return bar if bar is None or distinct is None else max(bar, distinct)
+
+
 def nearest_similarity(emb: np.ndarray, train_emb: np.ndarray) -> np.ndarray:
     """Per row, cosine similarity to its nearest training chip."""
     return (normalize(emb) @ normalize(train_emb).T).max(1)
@@ -119,17 +124,17 @@ def nearest_similarity(emb: np.ndarray, train_emb: np.ndarray) -> np.ndarray:
 
 def decide(rows: list[dict], scores: dict[str, dict], emb: np.ndarray, key: str, cfg: FilterConfig,
            thresholds: dict[str, float], train_emb: np.ndarray | None = None,
-           copy_bar: float | None = None) -> list[str | None]:
+           distinct: float | None = None) -> list[str | None]:
     """Per row, None (kept) or the reject reason. Order: near copy of a training chip (memorised, whatever
-    its score; closer than `copy_bar`, default cfg.copy_cosine), score threshold, near duplicate of a
-    better-scoring kept chip of the same taxon, top-k."""
+    its score), score threshold, near duplicate of a better-scoring kept chip of the same taxon, top-k.
+    `distinct`: a similarity distinct real animals reach, which both bars are raised to."""
     n = len(rows)
     s = np.array([scores[r["file"]].get(key, np.nan) for r in rows], dtype=np.float64)
     reason: list[str | None] = [None] * n
     e = normalize(emb) if n else emb
-    bar = cfg.copy_cosine if copy_bar is None else copy_bar
-    if bar is not None and train_emb is not None and len(train_emb) and n:
-        for i in np.flatnonzero(nearest_similarity(e, train_emb) > bar):
+    copy_bar, dedup_bar = (raised(b, distinct) for b in (cfg.copy_cosine, cfg.dedup_cosine))
+    if copy_bar is not None and train_emb is not None and len(train_emb) and n:
+        for i in np.flatnonzero(nearest_similarity(e, train_emb) > copy_bar):
             reason[i] = "near_copy"
     if cfg.mode != "topk":
         for i, r in enumerate(rows):
@@ -141,7 +146,7 @@ def decide(rows: list[dict], scores: dict[str, dict], emb: np.ndarray, key: str,
         if reason[i]:
             continue
         kept = kept_by_taxon.setdefault(rows[i]["taxon"], [])
-        if cfg.dedup_cosine is not None and kept and float((e[kept] @ e[i]).max()) > cfg.dedup_cosine:
+        if dedup_bar is not None and kept and float((e[kept] @ e[i]).max()) > dedup_bar:
             reason[i] = "duplicate"
             continue
         if cfg.mode == "topk" and len(kept) >= cfg.top_k:
@@ -211,17 +216,15 @@ def filter_pool(pool_dir: str | Path, scorer: Scorer, out: str | Path | None, cf
             raise ScoringError("calibrated thresholds need --reference, a chips folder with held-out real chips")
         thresholds = calibrate(scorer, ref, work / "reference_val", key, cfg.percentile)
 
-    copy_bar = cfg.copy_cosine
-    if copy_bar is not None and cfg.copy_percentile is not None and train_emb is not None:
-        val = held_out_rows(ref)
-        if val:
-            val_emb, _ = embed_pool(scorer, ref, val, work / "reference_val", "scoring held-out real chips")
-            copy_bar = max(copy_bar, float(np.percentile(nearest_similarity(val_emb, train_emb), cfg.copy_percentile)))
+    distinct = None
+    if cfg.distinct_percentile is not None and train_emb is not None and (val := held_out_rows(ref)):
+        val_emb, _ = embed_pool(scorer, ref, val, work / "reference_val", "scoring held-out real chips")
+        distinct = float(np.percentile(nearest_similarity(val_emb, train_emb), cfg.distinct_percentile))
     emb, scores = embed_pool(scorer, pool, pool.rows, work / "pool", f"scoring {len(pool.rows)} chips")
     if pool.rows and key not in scores[pool.rows[0]["file"]]:
         raise ScoringError(f"score {cfg.score!r} not produced by {scorer.name}; it has "
                            f"{sorted(k.split('.', 1)[1] for k in scores[pool.rows[0]['file']])}")
-    reasons = decide(pool.rows, scores, emb, key, cfg, thresholds, train_emb, copy_bar)
+    reasons = decide(pool.rows, scores, emb, key, cfg, thresholds, train_emb, distinct)
 
     kept_rows, rej_rows = [], []
     for r, why in zip(pool.rows, reasons, strict=True):
@@ -257,7 +260,8 @@ def filter_pool(pool_dir: str | Path, scorer: Scorer, out: str | Path | None, cf
         d["pass_rate"] = d["kept"] / d["n"]
         d["threshold"] = thresholds.get(t, cfg.threshold) if cfg.mode != "topk" else None
     summary = {"pool": str(pool.root), "out": str(out), "scorer": scorer.name, "score": key,
-               "config": cfg.model_dump(), "copy_bar": copy_bar, "n": len(pool.rows), "kept": len(kept_rows),
+               "config": cfg.model_dump(), "copy_bar": raised(cfg.copy_cosine, distinct),
+               "dedup_bar": raised(cfg.dedup_cosine, distinct), "n": len(pool.rows), "kept": len(kept_rows),
                "rejected": len(rej_rows), "per_taxon": per_taxon}
     write_json(out / "filter_summary.json", summary)
     return summary

@@ -192,6 +192,6 @@ def test_filter_stage_key_covers_filter_and_judge_defaults():
     from synthgen.benchmark.synthetic import filter_config
 
     implicit = stage_hash(filter_config(0, score="p_animal"))
-    assert implicit == stage_hash(filter_config(0, score="p_animal", copy_percentile=99.0, scorer="judge"))
-    assert implicit != stage_hash(filter_config(0, score="p_animal", copy_percentile=None))
+    assert implicit == stage_hash(filter_config(0, score="p_animal", distinct_percentile=99.0, scorer="judge"))
+    assert implicit != stage_hash(filter_config(0, score="p_animal", distinct_percentile=None))
     assert implicit != stage_hash(filter_config(0, score="p_animal", judge={"epochs": 3}))

@@ -131,26 +131,29 @@ def test_calibrated_topk_near_copy_and_duplicates(tmp_path):
         assert worst_kept >= best_rej
 
 
-def test_near_copy_bar_rises_to_held_out_real(tmp_path):
-    """New real animals are not copies: where a fixed bar sits below their similarity to the training chips
-    (one species in a judge's features), the bar calibrated on held-out real chips keeps them and still
-    catches a pasted training chip."""
+def test_bars_rise_to_held_out_real(tmp_path):
+    """Distinct real animals are neither copies nor duplicates: where the fixed bars sit below their
+    similarity (one species in a judge's features), the bars raised to what held-out real chips reach
+    keep them and still catch a pasted training chip and an exact duplicate."""
     judge_dir, _ = tiny_judge()
     pool = _pool(tmp_path / "pool", [("penguin", "penguin", 8)])
     train = Pool.load(tiny_chips(), split="train")
     shutil.copy(train.path(next(r for r in train.rows if r["label"] == "penguin")), pool / "penguin" / "copy.png")
     rows = Pool.load(pool).rows
-    rows.append(rows[-1] | {"file": "penguin/copy.png", "seed": 99})
+    shutil.copy(pool / rows[0]["file"], pool / "penguin" / "dup.png")
+    rows += [rows[-1] | {"file": "penguin/copy.png", "seed": 98}, rows[0] | {"file": "penguin/dup.png", "seed": 99}]
     (pool / "manifest.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     scorer = JudgeScorer(judge_dir, device="cpu")
-    base = {"threshold": 0.0, "dedup_cosine": None, "copy_cosine": 0.0}
-    fixed = filter_pool(pool, scorer, tmp_path / "fixed", FilterConfig(**base, copy_percentile=None),
-                        reference=tiny_chips())
-    assert fixed["copy_bar"] == 0.0 and fixed["per_taxon"]["Spheniscidae"]["near_copy"] == 9
-    cal = filter_pool(pool, scorer, tmp_path / "cal", FilterConfig(**base, copy_percentile=100),
-                      reference=tiny_chips())
+    fixed = {"threshold": 0.0, "dedup_cosine": 0.0, "copy_cosine": 0.0}
+    s = filter_pool(pool, scorer, tmp_path / "fixed", FilterConfig(**fixed, distinct_percentile=None),
+                    reference=tiny_chips())
+    assert s["copy_bar"] == 0.0 and s["per_taxon"]["Spheniscidae"]["near_copy"] == 10  # a bar of 0: all copies
+    s = filter_pool(pool, scorer, tmp_path / "cal", FilterConfig(**fixed, distinct_percentile=100),
+                    reference=tiny_chips())
     rej = {r["file"]: r["reject_reason"] for r in Pool.load(tmp_path / "cal" / "rejected").rows}
-    assert 0 < cal["copy_bar"] < 0.9999 and rej == {"penguin/copy.png": "near_copy"}
+    assert 0 < s["copy_bar"] == s["dedup_bar"] < 0.9999
+    assert rej.pop("penguin/copy.png") == "near_copy" and list(rej.values()) == ["duplicate"]
+    assert set(rej) <= {"penguin/dup.png", rows[0]["file"]}
 
 
 def test_in_place_moves_rejects_inside_pool(tmp_path):
@@ -170,7 +173,7 @@ def test_decide_by_hand():
     train = np.array([[0.0, 1.0]])  # 2 and 3 are copies of a training chip
     cfg = FilterConfig(threshold=0.5, dedup_cosine=0.99, copy_cosine=0.99)
     assert decide(rows, scores, emb, "s", cfg, {}, train) == [None, "duplicate", "near_copy", "near_copy"]
-    assert decide(rows, scores, emb, "s", cfg, {}, train, copy_bar=1.0) == [None, "duplicate", "low_score", None]
+    assert decide(rows, scores, emb, "s", cfg, {}, train, distinct=1.0) == [None, None, "low_score", None]
     assert decide(rows, scores, emb, "s", cfg, {"A": 0.95}, None) == ["low_score", "low_score", "low_score", None]
     top = FilterConfig(mode="topk", top_k=1, dedup_cosine=None)
     assert decide(rows, scores, emb, "s", top, {}, None) == [None, "not_top_k", "not_top_k", None]

@@ -211,11 +211,12 @@ def _filter_line(f: dict | None) -> str:
     rule = {"fixed": f"score >= {f.get('threshold', 0.5)}", "topk": f"top {f.get('top_k', 100)} per taxon",
             "calibrated": f"score >= the {f.get('percentile', 10.0):g}th percentile of the cell's held-out real "
                           "chips"}[mode]
-    pct, cos = f.get("copy_percentile", 99.0), f.get("copy_cosine", 0.98)
-    copies = ("" if cos is None else f", and so are near-copies: chips closer to a training chip than cosine {cos}"
-              + ("" if pct is None else f" and than {pct:g}% of the held-out real chips are"))
+    pct, cos = f.get("distinct_percentile", 99.0), f.get("copy_cosine", 0.98)
+    bars = "" if pct is None else (f", both bars raised to the similarity {pct:g}% of the held-out real chips "
+                                   "stay under to their nearest training chip (distinct real animals)")
+    copies = "" if cos is None else f", and so are near-copies (cosine > {cos} to a training chip)"
     return (f"- Generated instances are filtered before composing: `{f.get('score', 'p_taxon')}` from {who}, kept if "
-            f"{rule}; near-duplicates are rejected{copies}.")
+            f"{rule}; near-duplicates are rejected{copies}{bars}.")
 
 
 def write_report(results: dict, out: str | Path) -> Path:

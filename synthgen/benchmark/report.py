@@ -108,9 +108,11 @@ def _limits(results: dict, runs: pd.DataFrame) -> list[str]:
         kept = [g for g in gens if "generated" in g]
         line = f"the generator trains {'/'.join(map(str, steps))} steps per cell (scale '{results['scale']}')"
         if kept:
-            line += (f"; the filter ({kept[0]['score']}) kept {sum(g['kept'] for g in kept)} of "
-                     f"{sum(g['generated'] for g in kept)} generated instances, so the few kept are reused "
-                     "across many pastes; see the example tiles for what the detector was shown")
+            k, n = sum(g["kept"] for g in kept), sum(g["generated"] for g in kept)
+            line += (f"; the filter ({kept[0]['score']}) kept {k} of {n} generated instances"
+                     + (", so the few kept are reused across many pastes" if k < n / 2 else ""))
+        line += ("; see the generated-instance sheet (beside real training chips) for what the generator draws, "
+                 "and the example tiles for what the detector was shown")
         out.append(line)
     sd = runs.groupby(["arm", "fraction"]).map50.std().mean()
     if sd == sd and sd > 0.03:

@@ -1,7 +1,7 @@
 """`synthgen demo`: a tour of the data and taxonomy steps on the shared data (../shared/data).
 
-The main job end to end is `synthgen benchmark` (README). This tour inspects both datasets, resolve every label through the shipped
-taxonomy, cut training chips of the train split. Every step is resumable (chips skip what the
+The main job end to end is `synthgen benchmark` (README). This tour inspects both datasets, resolves
+every label through the shipped taxonomy and cuts training chips of the train split. Every step is resumable (chips skip what the
 manifest already holds), so a rerun after a kill finishes the job.
 """
 

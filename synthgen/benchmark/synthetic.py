@@ -95,12 +95,16 @@ def _background_chips(dataset: str, train_images: list[str], chips_dir: Path, ou
     return _reference_chips(out / "background_chips", out / "background", val_fraction)
 
 
+def _judge_config(seed: int, judge: dict | None) -> Any:
+    """The cell's JudgeConfig: the cell's seed unless the config names one."""
+    return importlib.import_module("synthgen.scoring").JudgeConfig(**({"seed": seed} | (judge or {})))
+
+
 def filter_config(seed: int, scorer: str = "judge", judge: dict | None = None, val_fraction: float = 0.2,
                   background: bool | None = None, **kw: Any) -> dict:
     """A cell's resolved filter settings (FilterConfig and JudgeConfig with their defaults): their hash keys
     the stage, so a changed default (e.g. the near-copy bar) refilters instead of reusing stale picks."""
-    judge_cfg = importlib.import_module("synthgen.scoring").JudgeConfig(**({"seed": seed} | (judge or {})))
-    return {"scorer": scorer, "judge": judge_cfg.model_dump(mode="json"), "val_fraction": val_fraction,
+    return {"scorer": scorer, "judge": _judge_config(seed, judge).model_dump(mode="json"), "val_fraction": val_fraction,
             "background": background,
             "filter": importlib.import_module("synthgen.filter").FilterConfig(**kw).model_dump(mode="json")}
 
@@ -124,8 +128,7 @@ def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: 
             if dataset is None or train_images is None:
                 raise SynthgenError("filter background chips need the cell's dataset and training images")
             bg = _background_chips(dataset, train_images, chips_dir, out, seed, val_fraction)
-        scoring.train_judge(ref, out / "judge", scoring.JudgeConfig(**({"seed": seed} | (judge or {}))),
-                            background=bg)
+        scoring.train_judge(ref, out / "judge", _judge_config(seed, judge), background=bg)
         sc = scoring.JudgeScorer(out / "judge")
     else:
         sc = scoring.load_scorer(scorer, scoring.TaxonSpace.from_rows(scoring.Pool.load(ref).rows))

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +20,7 @@ from synthgen.errors import SynthgenError
 from synthgen.guidance import GuidanceConfig
 from synthgen.io_utils import read_jsonl
 from synthgen.pipelines import GenerateConfig, GuidedSampler, generate, load_model, resolve_targets
+from synthgen.pipelines.generate import Target, allot
 from synthgen.train import TrainConfig, train
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -151,7 +153,8 @@ def test_taxon_above_leaves_and_errors(model_dir, tmp_path):
     assert [t.taxon for t in resolve_targets(model_dir, "Charadriiformes")] == ["Fratercula"]
     res = generate(model_dir, "Aves", 12, tmp_path, _cfg(batch_size=12, steps=2), progress=False)
     assert res.written == 12
-    assert {r["taxon"] for r in read_jsonl(tmp_path / "manifest.jsonl")} == {"Spheniscidae", "Fratercula"}
+    assert Counter(r["taxon"] for r in read_jsonl(tmp_path / "manifest.jsonl")) == {"Spheniscidae": 6,
+                                                                                     "Fratercula": 6}
     # shark (Selachimorpha) is in the taxonomy but was not trained: the error names stingray's taxon,
     # the trained taxon closest to it (same class Chondrichthyes)
     with pytest.raises(SynthgenError, match="nothing trained under 'shark'.*Myliobatiformes") as e:
@@ -367,3 +370,16 @@ def test_cli_generate_cache_interval_and_branch_windows(model_dir, tmp_path):
                for r in rows)
     res = CliRunner().invoke(app, args[:-3] + ["--cache-interval", "0"])
     assert res.exit_code == 1 and "cache_interval" in res.output
+
+
+def test_allot_keeps_every_prefix_in_proportion():
+    """`--even` over 7 taxa and n=28 gives 4 of each (a random draw gave 2 to 8); counts-weighted
+    runs hold the training proportions in every prefix, and image i's taxon does not depend on n."""
+    even = [Target(str(k), str(k), {}, 1.0) for k in range(7)]
+    assert set(Counter(t.taxon for t in allot(even, 28)).values()) == {4}
+    weighted = [Target("a", "a", {}, 100.0), Target("b", "b", {}, 10.0), Target("c", "c", {}, 1.0)]
+    plan = allot(weighted, 222)
+    for n in range(1, 223):
+        got = Counter(t.taxon for t in plan[:n])
+        assert all(abs(got[t.taxon] - n * t.weight / 111) < 1 for t in weighted)
+    assert allot(weighted, 50) == plan[:50]

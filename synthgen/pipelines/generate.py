@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 import re
 import time
 import warnings
@@ -88,6 +87,21 @@ def _query_lineage(model_dir: Path, query: str) -> tuple[str, str, dict[str, str
     except TaxonomyError:
         return None
     return t.name, t.level, {a.level: a.name for a in tax.lineage(t)}
+
+
+def allot(targets: list[Target], n: int) -> list[Target]:
+    """Targets of images 0..n-1 by smooth weighted round-robin: every prefix holds each target in
+    proportion to its weight to within one image (`--n 28 --even` over 7 taxa: 4 of each), and image
+    i's target does not depend on n, so a resumed or sharded run draws the same."""
+    total = sum(tg.weight for tg in targets)
+    credit = [0.0] * len(targets)
+    out = []
+    for _ in range(n):
+        credit = [c + tg.weight for c, tg in zip(credit, targets, strict=True)]
+        k = max(range(len(targets)), key=credit.__getitem__)
+        credit[k] -= total
+        out.append(targets[k])
+    return out
 
 
 def resolve_targets(model_dir: str | Path, query: str, even: bool = False) -> list[Target]:
@@ -204,13 +218,13 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
                                 cache_interval=cfg.cache_interval)
         vocab, levels = model.vocab, model.vocab.levels
         windows = _target_windows(bp, targets, cfg, vocab)
-        weights = [tg.weight for tg in targets]
+        plan = allot(targets, max(todo) + 1)
         bar = tqdm(total=len(todo), disable=not (progress and state.is_main_process), desc=f"generate {taxon}", unit="img")
         with JsonlAppender(shard) as app:
             for start in range(0, len(todo), cfg.batch_size):
                 idx = todo[start : start + cfg.batch_size]
                 seeds = [image_seed(cfg.seed, taxon, i) for i in idx]
-                chosen = [random.Random(s).choices(targets, weights)[0] for s in seeds]
+                chosen = [plan[i] for i in idx]
                 noise = torch.stack([
                     torch.randn((3, model.sample_size, model.sample_size), generator=torch.Generator().manual_seed(s))
                     for s in seeds

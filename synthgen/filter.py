@@ -164,16 +164,11 @@ def held_out_rows(reference: Pool) -> list[dict]:
     return [r for r in reference.rows if r.get("split") == split] if split else []
 
 
-def calibrate(scorer: Scorer, reference: Pool, cache: Path, key: str, percentile: float) -> dict[str, float]:
+def calibrate(rows: list[dict], scores: dict, key: str, percentile: float) -> dict[str, float]:
     """Per taxon, the `percentile`-th percentile of the score on real held-out chips of that taxon."""
-    rows = held_out_rows(reference)
-    if not rows:
-        raise ScoringError(f"{reference.root / 'manifest.jsonl'}: calibrated thresholds need held-out real chips "
-                           "(a val/valid split)")
-    _, sc = embed_pool(scorer, reference, rows, cache, "scoring held-out real chips")
     by_taxon: dict[str, list[float]] = {}
     for r in rows:
-        by_taxon.setdefault(r["taxon"], []).append(sc[r["file"]][key])
+        by_taxon.setdefault(r["taxon"], []).append(scores[r["file"]][key])
     return {t: float(np.nanpercentile(v, percentile)) for t, v in by_taxon.items()}
 
 
@@ -203,22 +198,24 @@ def filter_pool(pool_dir: str | Path, scorer: Scorer, out: str | Path | None, cf
     work = out / ".scores" / cache_name(scorer)
     key = _score_key(scorer, cfg.score)
 
-    train_emb = None
+    train_emb, val, val_emb, val_scores = None, [], None, {}
     if reference is not None:
         ref = Pool.load(reference)
         tr = [r for r in ref.rows if r.get("split", "train") == "train" and r["taxon"] in scorer.space.lineages]
         if tr:
             train_emb, _ = embed_pool(scorer, ref, tr, work / "reference_train", "embedding training chips")
             scorer.set_reference(train_emb, [r["taxon"] for r in tr])
+        if val := held_out_rows(ref):  # scored after set_reference: the centroid score needs it
+            val_emb, val_scores = embed_pool(scorer, ref, val, work / "reference_val", "scoring held-out real chips")
     thresholds: dict[str, float] = {}
     if cfg.mode == "calibrated":
-        if reference is None:
-            raise ScoringError("calibrated thresholds need --reference, a chips folder with held-out real chips")
-        thresholds = calibrate(scorer, ref, work / "reference_val", key, cfg.percentile)
+        if not val:
+            raise ScoringError("calibrated thresholds need --reference, a chips folder with held-out real chips "
+                               "(a val/valid split)" + (f": {ref.root / 'manifest.jsonl'} has none" if reference else ""))
+        thresholds = calibrate(val, val_scores, key, cfg.percentile)
 
     distinct = None
-    if cfg.distinct_percentile is not None and train_emb is not None and (val := held_out_rows(ref)):
-        val_emb, _ = embed_pool(scorer, ref, val, work / "reference_val", "scoring held-out real chips")
+    if cfg.distinct_percentile is not None and train_emb is not None and val_emb is not None:
         distinct = float(np.percentile(nearest_similarity(val_emb, train_emb), cfg.distinct_percentile))
     emb, scores = embed_pool(scorer, pool, pool.rows, work / "pool", f"scoring {len(pool.rows)} chips")
     if pool.rows and key not in scores[pool.rows[0]["file"]]:

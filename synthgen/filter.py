@@ -205,7 +205,8 @@ def filter_pool(pool_dir: str | Path, scorer: Scorer, out: str | Path | None, cf
         if tr:
             train_emb, _ = embed_pool(scorer, ref, tr, work / "reference_train", "embedding training chips")
             scorer.set_reference(train_emb, [r["taxon"] for r in tr])
-        if val := held_out_rows(ref):  # scored after set_reference: the centroid score needs it
+        needed = cfg.mode == "calibrated" or (cfg.distinct_percentile is not None and train_emb is not None)
+        if needed and (val := held_out_rows(ref)):  # scored after set_reference: the centroid score needs it
             val_emb, val_scores = embed_pool(scorer, ref, val, work / "reference_val", "scoring held-out real chips")
     thresholds: dict[str, float] = {}
     if cfg.mode == "calibrated":

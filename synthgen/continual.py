@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
-from pydantic import ConfigDict
+from pydantic import ConfigDict, Field
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
@@ -56,6 +56,7 @@ class ContinualConfig(YamlConfig):
     p_drop: float = 0.3  # cut a new taxon's codes to a coarser level so new higher-rank rows learn alone
     preserve_weight: float = 1.0  # distillation towards the base model on old taxa (not needed for rows)
     replay: bool = True  # old taxa's chips in the data folder also train (ignored for rows)
+    new_share: float = Field(0.5, gt=0.0, le=1.0)  # share of each replay batch drawn from the new taxa's chips
     split: str | None = "train"
     checkpoint_every: int = 200
     log_every: int = 10
@@ -259,6 +260,17 @@ def _new_lineages(data_lineages: list[dict], taxa: list[str], trained: dict, tax
     return out
 
 
+def batch_indices(is_new: torch.Tensor, batch: int, new_share: float, g: torch.Generator) -> torch.Tensor:
+    """A batch with a fixed share of new-taxon chips (the rest replayed old ones), so a new taxon
+    with few chips is not swamped by the replay set; all new when nothing is replayed."""
+    new_pos, old_pos = torch.nonzero(is_new).flatten(), torch.nonzero(~is_new).flatten()
+    n_new = batch if len(old_pos) == 0 else max(1, round(batch * new_share))
+    idx = new_pos[torch.randint(len(new_pos), (n_new,), generator=g)]
+    if n_new == batch:
+        return idx
+    return torch.cat([idx, old_pos[torch.randint(len(old_pos), (batch - n_new,), generator=g)]])
+
+
 def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str | Path | None = None,
              cfg: ContinualConfig | None = None, progress: bool = True) -> AddTaxaResult:
     """Extend model `base` with the taxa of chips folder `data` it was not trained on; write the
@@ -285,6 +297,7 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
     lineage_of = {**{t: c["lineage"] for t, c in trained.items()}, **new}
     keep = [i for i, t in enumerate(chips.taxa) if t in new or (cfg.replay and cfg.tune != "rows")]
     codes_all = torch.tensor([vocab.encode(lineage_of[chips.taxa[i]]) for i in keep], dtype=torch.long)
+    is_new = torch.tensor([chips.taxa[i] in new for i in keep])
     images = chips.images[keep]
     old_codes = torch.tensor([vocab.encode(c["lineage"]) for c in trained.values()], dtype=torch.long)
 
@@ -353,7 +366,7 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
         for group in opt.param_groups:
             group["lr"] = lr
         g = _gen(cfg.seed, step, 0, 0)
-        idx = torch.randint(len(keep), (cfg.batch_size,), generator=g)
+        idx = batch_indices(is_new, cfg.batch_size, cfg.new_share, g)
         x0 = images[idx].float().div(127.5).sub(1.0)
         flip = torch.rand(len(idx), generator=g) < 0.5
         x0[flip] = x0[flip].flip(-1)

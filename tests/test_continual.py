@@ -13,6 +13,7 @@ from detection.chips import ChipConfig, make_chips, subset_chips
 from synthgen.continual import (
     ContinualConfig,
     add_taxa,
+    batch_indices,
     extend_vocab,
     load_model_folder,
     old_taxa_report,
@@ -55,6 +56,18 @@ def test_extend_vocab_keeps_old_indices():
     assert new.names["phylum"] == ["Chordata", "Arthropoda", "Echinodermata"]  # old first, new appended
     assert new.encode({"kingdom": "Animalia", "phylum": "Chordata", "order": "Sphenisciformes"}) == (1, 1, 0, 1)
     assert new.encode({"kingdom": "Animalia", "phylum": "Echinodermata", "class": "Asteroidea"}) == (1, 3, 1, 0)
+
+
+def test_replay_batches_hold_the_new_share():
+    """Replay must not swamp a rare new taxon: a fixed share of every batch is new-taxon chips."""
+    is_new = torch.tensor([True] * 3 + [False] * 97)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        idx = batch_indices(is_new, 32, 0.5, g)
+        assert len(idx) == 32 and int(is_new[idx].sum()) == 16
+    only_new = torch.ones(5, dtype=torch.bool)
+    assert len(batch_indices(only_new, 8, 0.5, g)) == 8  # nothing replayed: the whole batch is new
+    assert int(is_new[batch_indices(is_new, 8, 0.01, g)].sum()) == 1  # at least one new chip per batch
 
 
 def test_rows_only_keeps_old_taxa_bit_identical(world):

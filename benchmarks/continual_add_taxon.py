@@ -74,6 +74,35 @@ def reading(r: dict, chance: float) -> list[str]:
     return out
 
 
+def write_report(results: dict, out: Path) -> None:
+    """continual_add_taxon.md from the results dict (also re-renders a saved JSON: --render)."""
+    from synthgen.io_utils import atomic_write
+
+    r, j = results, results["judge"]
+    jc, chance = j["config"], 1 / (r["old_taxa"] + 1)
+    lines = [
+        "# Adding a taxon (starfish) to a tiny aquarium model without retraining",
+        "",
+        f"Base: tiny preset, {jc['img_size']} px, {r['base_steps']} steps on {r['old_taxa']} taxa ({r['per_class']} "
+        f"chips max each); add: {r['add_steps']} steps, {r['new_share']:.0%} of each replay batch new-taxon chips. "
+        f"Judge: {jc['arch']} x{jc['width']} at {jc['img_size']} px, {jc['epochs']} epochs on {j['train_chips']} real "
+        f"train chips ({j['train_s']:.0f} s); real valid accuracy {j['real_valid']['taxon_acc']:.2f} over "
+        f"{j['val_chips']} chips. {r['samples_per_taxon']} samples per taxon, DDIM {r['sample_steps']} steps, batch "
+        f"{r['batch']}, same seeds before/after. CPU, {r['threads']} threads, shared machine.",
+        "",
+        "| tune | old-taxa judge acc before | after | old mean abs pixel diff (0-255) | old bit-identical | "
+        "new-taxon judge acc | delta size | full weights | add time (s) |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for mode, m in r["modes"].items():
+        lines.append(f"| {mode} | {r['old_acc_before']:.3f} | {m['old_acc_after']:.3f} | "
+                     f"{m['old_mean_abs_pixel_diff']:.2f} | {m['old_identical']} | {m['new_taxon_acc']:.3f} | "
+                     f"{m['delta_bytes'] / 1e3:.1f} KB | {m['base_bytes'] / 1e6:.2f} MB | {m['add_s']} |")
+    lines += ["", "Reading (generated from the figures):", "", *reading(r, chance)]
+    with atomic_write(out / "continual_add_taxon.md", "w", encoding="utf-8") as f:
+        f.write("\n".join(lines) + "\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base-steps", type=int, default=400)
@@ -87,13 +116,17 @@ def main() -> None:
     ap.add_argument("--judge-epochs", type=int, default=10)
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--render", type=Path, default=None, help="only re-render the markdown of a saved JSON")
     args = ap.parse_args()
+    if args.render:
+        write_report(json.loads(args.render.read_text()), args.results)
+        return
 
     import torch
 
     from detection.chips import ChipConfig, make_chips, subset_chips
     from synthgen.continual import ContinualConfig, add_taxa, load_model_folder, sample_taxa
-    from synthgen.io_utils import atomic_write, write_json
+    from synthgen.io_utils import write_json
     from synthgen.scoring import JudgeConfig, JudgeScorer, train_judge
     from synthgen.train import TrainConfig, train
 
@@ -122,7 +155,8 @@ def main() -> None:
     results = {
         "batch": args.batch, "sample_steps": args.sample_steps, "base_steps": args.base_steps,
         "add_steps": args.add_steps, "per_class": args.per_class, "samples_per_taxon": args.samples,
-        "old_taxa": len(lineages), "base_train_s": round(base_s, 1),
+        "old_taxa": len(lineages), "base_train_s": round(base_s, 1), "threads": args.threads,
+        "new_share": ContinualConfig().new_share,
         "judge": {"config": jcfg.model_dump(), "train_chips": jm["train_chips"], "val_chips": jm["val_chips"],
                   "train_s": jm["train_seconds"],
                   "real_valid": {"taxon_acc": jm["val"]["taxon_accuracy"],
@@ -154,29 +188,8 @@ def main() -> None:
             "base_bytes": res.base_bytes, "add_s": round(add_s, 1), "final_loss": res.final_loss,
         }
         print(mode, results["modes"][mode], flush=True)
-    chance = 1 / (len(lineages) + 1)
     write_json(args.results / "continual_add_taxon.json", results)
-    j = results["judge"]
-    lines = [
-        "# Adding a taxon (starfish) to a tiny aquarium model without retraining",
-        "",
-        f"Base: tiny preset, {size} px, {args.base_steps} steps on {len(lineages)} taxa ({args.per_class} chips max "
-        f"each); add: {args.add_steps} steps. Judge: {jcfg.arch} x{jcfg.width} at {size} px, {jcfg.epochs} epochs on "
-        f"{j['train_chips']} real train chips ({j['train_s']:.0f} s); real valid accuracy {j['real_valid']['taxon_acc']:.2f} "
-        f"over {j['val_chips']} chips. {args.samples} samples per taxon, DDIM {args.sample_steps} steps, batch "
-        f"{args.batch}, same seeds before/after. CPU, {args.threads} threads, shared machine.",
-        "",
-        "| tune | old-taxa judge acc before | after | old mean abs pixel diff (0-255) | old bit-identical | "
-        "new-taxon judge acc | delta size | full weights | add time (s) |",
-        "|---|---|---|---|---|---|---|---|---|",
-    ]
-    for mode, r in results["modes"].items():
-        lines.append(f"| {mode} | {results['old_acc_before']:.3f} | {r['old_acc_after']:.3f} | "
-                     f"{r['old_mean_abs_pixel_diff']:.2f} | {r['old_identical']} | {r['new_taxon_acc']:.3f} | "
-                     f"{r['delta_bytes'] / 1e3:.1f} KB | {r['base_bytes'] / 1e6:.2f} MB | {r['add_s']} |")
-    lines += ["", "Reading (generated from the figures):", "", *reading(results, chance)]
-    with atomic_write(args.results / "continual_add_taxon.md", "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    write_report(results, args.results)
     print(f"-> {args.results / 'continual_add_taxon.md'}")
 
 

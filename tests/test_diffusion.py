@@ -194,6 +194,42 @@ def test_resume_equals_uninterrupted(chips, tmp_path):
     assert (part / "losses.csv").read_text() == (full.out / "losses.csv").read_text()
 
 
+def test_resume_from_stage_end_starts_next_stage_fresh(chips, tmp_path):
+    """A kill right after a stage's last checkpoint: the resumed run starts the next stage with a new
+    optimizer, as the straight run does, and ends bit-identical to it."""
+    import shutil
+
+    cfg = tiny_config(ema_decay=0.5, checkpoint_every=1, keep_checkpoints=100)
+    full = train(cfg, tmp_path / "full", chips=chips, progress=False)
+    part = tmp_path / "part"
+    shutil.copytree(full.out / "checkpoints" / "step-0000002", part / "checkpoints" / "step-0000002")
+    train(cfg, part, chips=chips, progress=False)
+    a = load_file(str(full.out / "unet/diffusion_pytorch_model.safetensors"))
+    b = load_file(str(part / "unet/diffusion_pytorch_model.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_finished_run_trains_longer(chips, tmp_path):
+    """Raising the step count of a finished run continues it from its last checkpoint; the stages
+    before that checkpoint must keep their lengths, else a clear error."""
+    flat = tiny_config(mode="flat", steps_per_stage=2, keep_checkpoints=100)
+    train(flat, tmp_path / "m", chips=chips, progress=False)
+    before = list(csv.DictReader(open(tmp_path / "m" / "losses.csv")))
+    res = train(tiny_config(mode="flat", steps_per_stage=5), tmp_path / "m", chips=chips, progress=False)
+    after = list(csv.DictReader(open(tmp_path / "m" / "losses.csv")))
+    assert res.steps == 5 and json.loads((tmp_path / "m" / "synthgen_model.json").read_text())["steps"] == 5
+    assert [int(r["step"]) for r in after] == [1, 2, 3, 4, 5] and after[:2] == before
+
+    prog = tiny_config(keep_checkpoints=100)
+    done = train(prog, tmp_path / "p", chips=chips, progress=False)
+    n = done.steps // 2
+    with pytest.raises(SynthgenError, match="lengthen only the checkpoint's stage"):
+        train(tiny_config(steps_per_stage=3), tmp_path / "p", chips=chips, progress=False)
+    longer_last = [{}] * (n - 1) + [{"steps": 4}]
+    res = train(tiny_config(stages=longer_last), tmp_path / "p", chips=chips, progress=False)
+    assert res.steps == done.steps + 2
+
+
 def test_resume_refuses_other_model(chips, tmp_path):
     train(tiny_config(steps_per_stage=1, checkpoint_every=1), tmp_path / "m", chips=chips, progress=False)
     (tmp_path / "m" / "synthgen_model.json").unlink()

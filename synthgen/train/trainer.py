@@ -271,7 +271,7 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     alphas = noise_sched.alphas_cumprod.to(acc.device)
 
     ckdir = out / "checkpoints"
-    step, losses, opt_state = 0, [], None
+    step, losses, opt_state, ck_stage = 0, [], None, 0
     if (out / "synthgen_model.json").exists() and json.loads((out / "synthgen_model.json").read_text())["steps"] >= total:
         meta = json.loads((out / "synthgen_model.json").read_text())
         acc.print(f"already trained: {out} ({meta['steps']} steps)")
@@ -288,7 +288,14 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
         ema.shadow = load_file(str(last / "ema.safetensors"))
         opt_state = (load_file(str(last / "optimizer.safetensors")), json.loads((last / "optimizer.json").read_text()))
         torch.set_rng_state(load_file(str(last / "rng.safetensors"))["torch"])
-        step, losses = state["step"], _read_losses(last / "losses.csv")
+        step, losses, ck_stage = state["step"], _read_losses(last / "losses.csv"), state["stage"]
+        if not (ck_stage < len(stages) and bounds[ck_stage] < step <= bounds[ck_stage + 1]):
+            # lengthening a run is fine, but only where the stages before the checkpoint keep their steps
+            raise SynthgenError(
+                f"{last}: written at step {step} in stage {ck_stage + 1}, which this config places elsewhere "
+                f"(stage ends: {bounds[1:]}); to train longer, lengthen only the checkpoint's stage or later "
+                f"ones (`stages:` overrides), or use a new --out"
+            )
         acc.print(f"resuming from {last} (step {step}/{total})")
 
     model.to(acc.device)
@@ -324,9 +331,9 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
             continue
         params = _params(acc.unwrap_model(pmodel), stage.train, stage)
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
-        if opt_state is not None:
+        if opt_state is not None and ck_stage == stage.index:  # a stage-end checkpoint's moments stay behind
             opt.load_state_dict(_opt_state_from_tensors(*opt_state))
-            opt_state = None
+        opt_state = None
         opt = acc.prepare_optimizer(opt)
         level_name = vocab.levels[stage.max_level]
         bar.set_description(f"stage {stage.index + 1}/{len(stages)} ({level_name})")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,8 +181,6 @@ def test_frozen_tables_stay_fixed(chips, tmp_path):
 
 def test_resume_equals_uninterrupted(chips, tmp_path):
     """Resuming from a mid-stage checkpoint gives bit-identical weights to one straight run."""
-    import shutil
-
     cfg = tiny_config(ema_decay=0.5, checkpoint_every=3, keep_checkpoints=100)
     full = train(cfg, tmp_path / "full", chips=chips, progress=False)
     part = tmp_path / "part"
@@ -197,8 +196,6 @@ def test_resume_equals_uninterrupted(chips, tmp_path):
 def test_resume_from_stage_end_starts_next_stage_fresh(chips, tmp_path):
     """A kill right after a stage's last checkpoint: the resumed run starts the next stage with a new
     optimizer, as the straight run does, and ends bit-identical to it."""
-    import shutil
-
     cfg = tiny_config(ema_decay=0.5, checkpoint_every=1, keep_checkpoints=100)
     full = train(cfg, tmp_path / "full", chips=chips, progress=False)
     part = tmp_path / "part"

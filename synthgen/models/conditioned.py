@@ -74,14 +74,15 @@ def preset_kwargs(preset: str) -> dict:
     raise SynthgenError(f"unknown model preset {preset!r}; choose one of {sorted(PRESETS)} or a configs/model/*.yaml file")
 
 
-def build_unet(preset: str, sample_size: int, **overrides) -> UNet2DModel:
-    """A fresh RGB UNet2DModel from a preset whose class embedding is the taxonomy vector itself."""
+def build_unet(preset: str, sample_size: int, context_channels: int = 0, **overrides) -> UNet2DModel:
+    """A fresh RGB UNet2DModel from a preset whose class embedding is the taxonomy vector itself;
+    `context_channels` more inputs (as diffusers' inpainting UNets take the masked image and mask)."""
     kw = {**preset_kwargs(preset), **overrides}
     factor = 2 ** (len(kw["block_out_channels"]) - 1)
     if sample_size % factor:
         raise SynthgenError(f"image size {sample_size} must be divisible by {factor} for preset {preset!r}")
     return UNet2DModel(
-        sample_size=sample_size, in_channels=3, out_channels=3, class_embed_type="identity", **kw
+        sample_size=sample_size, in_channels=3 + context_channels, out_channels=3, class_embed_type="identity", **kw
     )
 
 
@@ -155,13 +156,19 @@ class ConditionedUNet(nn.Module):
         self.unet, self.encoder, self.vocab = unet, encoder, vocab
 
     @classmethod
-    def create(cls, preset: str, sample_size: int, vocab: TaxonVocab, mlp: bool = True) -> ConditionedUNet:
-        unet = build_unet(preset, sample_size)
+    def create(cls, preset: str, sample_size: int, vocab: TaxonVocab, mlp: bool = True,
+               context_channels: int = 0) -> ConditionedUNet:
+        unet = build_unet(preset, sample_size, context_channels)
         dim = unet.config.block_out_channels[0] * 4  # UNet2DModel's time embedding size
         return cls(unet, TaxonomyEncoder(vocab.level_sizes, dim, mlp), vocab)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
         return self.unet(x, t, class_labels=self.encoder(codes)).sample
+
+    @property
+    def context_channels(self) -> int:
+        """Inputs beyond the noisy image (in-context models: masked window + hole)."""
+        return int(self.unet.config.in_channels) - 3
 
     @property
     def sample_size(self) -> int:

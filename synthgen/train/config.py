@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from synthgen.config import YamlConfig
+from synthgen.incontext.windows import WindowConfig
 
 TrainPart = Literal["unet", "mlp", "new", "previous", "all"]
 
@@ -24,9 +25,12 @@ class StageConfig(BaseModel):
 class TrainConfig(YamlConfig):
     model_config = ConfigDict(extra="forbid")
 
-    # "pixel" is the UNet2DModel on RGB chips; a latent backend plugs in here later.
-    backend: Literal["pixel"] = "pixel"
-    chips: Path | None = None  # chips folder with manifest.jsonl (or pass --chips)
+    # pixel: the UNet draws whole chips; incontext: it paints the animal into a hole in a real tile window
+    backend: Literal["pixel", "incontext"] = "pixel"
+    chips: Path | None = None  # pixel: chips folder with manifest.jsonl (or pass --chips)
+    data: Path | None = None  # incontext: the detection dataset (data.yaml) whose tiles give the windows
+    taxonomy: Path | None = None  # incontext: labels -> lineages (configs/taxonomy/*.csv)
+    window: WindowConfig = WindowConfig()
     split: str | None = "train"  # only this split trains the generator; test images stay out
     image_size: int = 48
     preset: str = "small"
@@ -47,6 +51,9 @@ class TrainConfig(YamlConfig):
     p_uncond: float = 0.1
     p_drop: float = 0.3
     hflip: bool = True
+    dihedral: bool = False  # all eight flips/rotations: nadir views have no up (off for ground views)
+    min_snr_gamma: float | None = None  # Min-SNR-gamma loss weighting (Hang et al. 2023); None: plain MSE
+    mask_padding: bool = True  # leave padded window pixels out of the loss (incontext)
     num_train_timesteps: int = 1000
     # v at zero terminal SNR lets the first sampling steps set colour and layout (synthgen.models.prediction)
     prediction_type: Literal["epsilon", "v_prediction"] = "v_prediction"

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from synthgen.augment import flip_rotate
 from synthgen.errors import SynthgenError
 
 
@@ -20,6 +21,12 @@ class ChipSet:
     taxa: list[str]
     labels: list[str]
     root: Path
+    context_channels: int = 0  # a chip is drawn whole: no extra input
+
+    def batch(self, idx: torch.Tensor, g: torch.Generator, dihedral: bool, hflip: bool
+              ) -> tuple[torch.Tensor, None, None]:
+        """(x0 in [-1, 1], no context, no loss mask) under the configured flips."""
+        return flip_rotate(self.images[idx].float().div(127.5).sub(1.0), g, dihedral, hflip), None, None
 
 
 def load_chips(folder: str | Path, size: int, split: str | None = "train") -> ChipSet:

@@ -18,18 +18,49 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from diffusers import DDPMScheduler
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from synthgen.errors import SynthgenError
+from synthgen.incontext.windows import WindowSet, load_windows
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.models import ConditionedUNet, TaxonVocab
 from synthgen.models.prediction import training_target
 from synthgen.train.config import TrainConfig
 from synthgen.train.data import ChipSet, load_chips
+
+TrainData = ChipSet | WindowSet
+
+
+def load_training_data(cfg: TrainConfig, chips: str | Path | None = None, progress: bool = True) -> TrainData:
+    """The examples of the config's backend: whole chips (pixel) or tile windows with holes (incontext)."""
+    if cfg.backend == "incontext":
+        if cfg.data is None:
+            raise SynthgenError("no dataset: set `data:` (a data.yaml) in the incontext train config or pass --data")
+        if cfg.window.size != cfg.image_size:
+            raise SynthgenError(f"window.size {cfg.window.size} must equal image_size {cfg.image_size}")
+        return load_windows(Path(chips) if chips else cfg.data, cfg.taxonomy, cfg.window, cfg.split, progress)
+    chips_dir = Path(chips) if chips else cfg.chips
+    if chips_dir is None:
+        raise SynthgenError("no chips folder: set `chips:` in the train config or pass --chips")
+    return load_chips(chips_dir, cfg.image_size, cfg.split)
+
+
+def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tensor | None, snr: torch.Tensor,
+                   gamma: float | None, prediction_type: str) -> torch.Tensor:
+    """MSE over the pixels that are real (weight 1; padding 0), each sample weighted by Min-SNR-gamma
+    when asked: min(SNR, gamma) / SNR for epsilon, / (SNR + 1) for v (Hang et al. 2023)."""
+    err = (pred - target).pow(2)
+    if weight is None:
+        per = err.mean(dim=(1, 2, 3))
+    else:
+        w = weight.expand_as(err)
+        per = (err * w).sum(dim=(1, 2, 3)) / w.sum(dim=(1, 2, 3)).clamp(min=1)
+    if gamma is not None:
+        per = per * snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr.clamp(min=1e-8))
+    return per.mean()
 
 
 @dataclass
@@ -156,6 +187,8 @@ def _latest_checkpoint(ckdir: Path) -> Path | None:
 
 def _fingerprint(cfg: TrainConfig, vocab: TaxonVocab, n: int) -> str:
     key = {"preset": cfg.preset, "size": cfg.image_size, "mlp": cfg.mlp, "vocab": vocab.to_dict(), "n": n}
+    if cfg.backend != "pixel":  # keys added later leave the fingerprints of existing pixel runs unchanged
+        key |= {"backend": cfg.backend, "window": cfg.window.model_dump()}
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -176,7 +209,7 @@ def _read_losses(path: Path) -> list[dict]:
         ]
 
 
-def _plot_losses(losses: list[dict], path: Path) -> None:
+def _plot_losses(losses: list[dict], path: Path, prediction_type: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -193,7 +226,7 @@ def _plot_losses(losses: list[dict], path: Path) -> None:
             if r1["stage"] != r0["stage"]:
                 ax.axvline(r1["step"], color="gray", ls=":", lw=0.8)
     ax.set_xlabel("step")
-    ax.set_ylabel("MSE (eps)")
+    ax.set_ylabel(f"MSE ({'v' if prediction_type == 'v_prediction' else 'eps'})")
     ax.set_yscale("log")
     ax.legend()
     fig.tight_layout()
@@ -202,13 +235,14 @@ def _plot_losses(losses: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def _model_card(cfg: TrainConfig, chips: ChipSet, stages: list[Stage], vocab: TaxonVocab, losses: list[dict], seconds: float) -> str:
+def _model_card(cfg: TrainConfig, chips: TrainData, stages: list[Stage], vocab: TaxonVocab, losses: list[dict], seconds: float) -> str:
     counts = Counter(chips.taxa)
     lines = [
         "# synthgen taxonomy-conditioned diffusion model",
         "",
         f"- backend: {cfg.backend}, preset `{cfg.preset}`, {cfg.image_size} px, mode `{cfg.mode}`",
-        f"- data: {len(chips.taxa)} chips from `{chips.root}` (split `{cfg.split}`), {len(counts)} taxa",
+        f"- data: {len(chips.taxa)} {'windows' if cfg.backend == 'incontext' else 'chips'} from `{chips.root}` "
+        f"(split `{cfg.split}`), {len(counts)} taxa",
         f"- levels: {', '.join(vocab.levels)}",
         f"- steps: {sum(s.steps for s in stages)} in {len(stages)} stage(s), batch {cfg.batch_size} x accum {cfg.grad_accum}",
         f"- wall time of the last session: {seconds / 60:.1f} min",
@@ -240,9 +274,7 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     from synthgen.device import resolve_device
 
     out = Path(out)
-    chips_dir = Path(chips) if chips else cfg.chips
-    if chips_dir is None:
-        raise SynthgenError("no chips folder: set `chips:` in the train config or pass --chips")
+    data = load_training_data(cfg, chips, progress)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
@@ -251,7 +283,6 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
         mixed_precision="bf16" if device.type == "cuda" else "no",
         gradient_accumulation_steps=cfg.grad_accum,
     )
-    data = load_chips(chips_dir, cfg.image_size, cfg.split)
     vocab = TaxonVocab.from_lineages(data.lineages)
     codes_all = torch.tensor([vocab.encode(lin) for lin in data.lineages], dtype=torch.long)
     stages = plan_stages(cfg, vocab, data.lineages)
@@ -262,13 +293,14 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     fp = _fingerprint(cfg, vocab, len(data.taxa))
 
     torch.manual_seed(cfg.seed)
-    model = ConditionedUNet.create(cfg.preset, cfg.image_size, vocab, cfg.mlp)
+    model = ConditionedUNet.create(cfg.preset, cfg.image_size, vocab, cfg.mlp, context_channels=data.context_channels)
     ema = _EMA(model, cfg.ema_decay)
     noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
                                 prediction_type=cfg.prediction_type,
                                 # sampling starts at the last timestep (zero SNR) only where v makes that work
                                 timestep_spacing="trailing" if cfg.prediction_type == "v_prediction" else "leading")
     alphas = noise_sched.alphas_cumprod.to(acc.device)
+    snr = alphas / (1 - alphas)
 
     ckdir = out / "checkpoints"
     step, losses, opt_state, ck_stage = 0, [], None, 0
@@ -346,19 +378,21 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
             for micro in range(cfg.grad_accum):
                 g = _gen(cfg.seed, step, micro, acc.process_index)
                 idx = torch.randint(len(data.taxa), (cfg.batch_size,), generator=g)
-                x0 = data.images[idx].float().div(127.5).sub(1.0)
-                if cfg.hflip:
-                    flip = torch.rand(len(idx), generator=g) < 0.5
-                    x0[flip] = x0[flip].flip(-1)
+                x0, context, valid = data.batch(idx, g, cfg.dihedral, cfg.hflip)
                 codes = drop_conditions(codes_all[idx], stage.max_level, cfg.p_uncond, cfg.p_drop, g)
                 noise = torch.randn(x0.shape, generator=g)
                 t = torch.randint(cfg.num_train_timesteps, (len(idx),), generator=g)
                 x0, noise, t, codes = (v.to(acc.device) for v in (x0, noise, t, codes))
                 a = alphas[t].view(-1, 1, 1, 1)
-                xt = (a.sqrt() * x0 + (1 - a).sqrt() * noise).contiguous(memory_format=torch.channels_last)
+                xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+                if context is not None:
+                    xt = torch.cat([xt, context.to(acc.device)], 1)
+                xt = xt.contiguous(memory_format=torch.channels_last)
                 with acc.accumulate(pmodel):
                     pred = pmodel(xt, t, codes)
-                    loss = F.mse_loss(pred.float(), training_target(x0, noise, a, cfg.prediction_type))
+                    loss = diffusion_loss(pred.float(), training_target(x0, noise, a, cfg.prediction_type),
+                                          valid.to(acc.device) if valid is not None and cfg.mask_padding else None,
+                                          snr[t], cfg.min_snr_gamma, cfg.prediction_type)
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.grad_clip:
                         acc.clip_grad_norm_(params, cfg.grad_clip)
@@ -402,8 +436,11 @@ def _save_model_folder(model, out, cfg, data, stages, vocab, losses, seconds, no
             shutil.rmtree(out / name)
         os.replace(tmp / name, out / name)
     tmp.rmdir()
-    tax_src = data.root / "taxonomy.json"
-    if tax_src.exists():
+    if cfg.taxonomy is not None:  # the tree the lineages came from: generate resolves names through it
+        from taxonomy import Taxonomy
+
+        Taxonomy.load(cfg.taxonomy).save(out / "taxonomy.json")
+    elif (tax_src := data.root / "taxonomy.json").exists():
         with atomic_write(out / "taxonomy.json", "wb") as f:
             f.write(tax_src.read_bytes())
     with atomic_write(out / "train_config.yaml", "w", encoding="utf-8") as f:
@@ -414,7 +451,7 @@ def _save_model_folder(model, out, cfg, data, stages, vocab, losses, seconds, no
         c["count"] += 1
     write_json(out / "taxon_counts.json", counts)
     _write_losses(out / "losses.csv", losses)
-    _plot_losses(losses, out / "loss.png")
+    _plot_losses(losses, out / "loss.png", cfg.prediction_type)
     with atomic_write(out / "model_card.md", "w", encoding="utf-8") as f:
         f.write(_model_card(cfg, data, stages, vocab, losses, seconds))
     write_json(out / "synthgen_model.json", {"id": _model_hash(out), "steps": total, "final_loss": final_loss, "backend": cfg.backend})

@@ -93,6 +93,17 @@ data_app = typer.Typer(no_args_is_help=True, help="Read, check and convert detec
 app.add_typer(data_app, name="data")
 
 _FMT_HELP = "input format: yolo | yolo-obb | coco | voc | csv | vector (default: guessed from DIR)"
+_PIXEL_Y_HELP = ("vector boxes with no CRS over images with none: they are pixel coordinates with y down | up "
+                 "(y = -row) | auto (up when every y <= 0)")
+
+
+def _print_read_notes(notes: list[str], problems: list[dict]) -> None:
+    """How the input was read, then one `skipped file:line: reason` line per problem (whole paths)."""
+    for n in notes:
+        console.print(f"note: {n}", soft_wrap=True, highlight=False)
+    for p in problems:
+        console.print(f"[yellow]skipped[/] {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}",
+                      soft_wrap=True)
 
 
 @data_app.command("inspect")
@@ -103,6 +114,7 @@ def data_inspect_cmd(
     verify: bool = typer.Option(False, help="decode every image fully (slow) instead of reading headers"),
     on_error: str = typer.Option("skip", help="skip (list every bad file, exit 1) | raise (stop at the first)"),
     json_out: Path | None = typer.Option(None, "--json", help="also write the statistics as JSON here"),
+    pixel_y: str = typer.Option("auto", help=_PIXEL_Y_HELP),
 ) -> None:
     """Images and boxes per split and class, box sizes in pixels, empty images, problems (exit 1 if any)."""
     from detection import read_dataset
@@ -111,7 +123,8 @@ def data_inspect_cmd(
     from synthgen.io_utils import write_json
 
     try:
-        stats = inspect_dataset(read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, verify=verify))
+        stats = inspect_dataset(read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, verify=verify,
+                                             pixel_y=pixel_y))
     except (SynthgenError, ValueError) as e:
         _fail(e)
     for t in report_tables(stats):
@@ -142,6 +155,7 @@ def data_chips_cmd(
     seed: int = typer.Option(0, help="seed of --max-per-class sampling and background windows"),
     fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
     on_error: str = typer.Option("raise", help="raise | skip"),
+    pixel_y: str = typer.Option("auto", help=_PIXEL_Y_HELP),
 ) -> None:
     """Cut every real instance into a square context chip (what the generator trains on); resumable."""
     from pydantic import ValidationError
@@ -152,7 +166,7 @@ def data_chips_cmd(
 
     try:
         cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class, seed=seed)
-        ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split])
+        ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split], pixel_y=pixel_y)
         sp = None if split == "all" else split
         if background is not None:
             s = make_background_chips(ds, out, background or None, cfg, split=sp, on_error=on_error)
@@ -160,8 +174,7 @@ def data_chips_cmd(
             s = make_chips(ds, out, cfg, taxonomy=taxonomy, split=sp, on_error=on_error)
     except (SynthgenError, ValidationError, ValueError) as e:
         _fail(e)
-    for p in s["problems"]:
-        console.print(f"[yellow]skipped[/] {p['file']}{':' + str(p['line']) if p['line'] else ''}: {p['reason']}", soft_wrap=True)
+    _print_read_notes(ds.notes, s["problems"])
     if background is not None:
         console.print(f"{s['written']} background chips written, {s['already_done']} already done, {s['unplaced']} "
                       f"found no free window, {len(s['problems'])} problems -> {s['manifest']}", soft_wrap=True)
@@ -179,16 +192,18 @@ def data_convert_cmd(
     raster: Path | None = typer.Option(None, help="GeoTIFF that a vector input annotates"),
     copy_images: bool = typer.Option(False, help="copy images into YOLO output instead of symlinking"),
     on_error: str = typer.Option("raise", help="raise | skip"),
+    pixel_y: str = typer.Option("auto", help=_PIXEL_Y_HELP),
 ) -> None:
     """Convert annotations between formats (boxes kept in pixels; vector output in the raster's CRS)."""
     from detection import read_dataset, write_dataset
     from synthgen.errors import SynthgenError
 
     try:
-        ds = read_dataset(path, fmt=fmt, raster=raster, on_error=on_error)
+        ds = read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, pixel_y=pixel_y)
         dest = write_dataset(ds, out, to, images="copy" if copy_images else "link")
     except (SynthgenError, ValueError) as e:
         _fail(e)
+    _print_read_notes(ds.notes, ds.problems)
     console.print(f"{len(ds.images)} images, {len(ds.boxes)} boxes, {len(ds.problems)} skipped -> {dest}", soft_wrap=True)
 
 

@@ -12,6 +12,7 @@ animal looks like.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 from collections import Counter
@@ -22,7 +23,7 @@ from typing import Literal
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
-from detection.dataset import DetectionDataset, read_dataset
+from detection.dataset import TIFF_EXT, DetectionDataset, open_image, read_dataset
 from detection.errors import DataError
 from synthgen.io_utils import JsonlAppender, atomic_save_image, atomic_write, read_jsonl, write_json
 
@@ -69,14 +70,14 @@ def cut_chip(image: np.ndarray, box: tuple[float, float, float, float], size: in
 def load_rgb(path: str | Path) -> np.ndarray:
     """HxWx3 uint8 pixels, EXIF rotation applied; GeoTIFFs PIL cannot decode (16-bit, multiband)
     are read with rasterio, first three bands rescaled to 0..255."""
-    from PIL import Image, ImageOps
+    from PIL import ImageOps
 
     try:
-        with Image.open(path) as im:
+        with open_image(path, load=True) as im:  # a header that claims more pixels than the file holds is an error
             return np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
-    except (OSError, SyntaxError, ValueError) as e:
-        if Path(path).suffix.lower() not in (".tif", ".tiff"):
-            raise DataError(f"{path}: cannot read image ({e})", file=path, reason=f"cannot read image ({e})") from e
+    except DataError:
+        if Path(path).suffix.lower() not in TIFF_EXT or not Path(path).is_file():
+            raise
     import rasterio
     from rasterio.errors import RasterioIOError
 
@@ -139,8 +140,8 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
     boxes = _select(ds, cfg)
     manifest = out / "manifest.jsonl"
     done = {r["file"] for r in read_jsonl(manifest)}
-    boxes = boxes.assign(file=[f"{r.split}/{r.label}/{Path(r.image_path).stem}_{r.k}.png"
-                               for r in boxes.itertuples()])
+    stems = chip_stems(ds.images.image_path)
+    boxes = boxes.assign(file=[f"{r.split}/{r.label}/{stems[r.image_path]}_{r.k}.png" for r in boxes.itertuples()])
     todo = boxes[~boxes.file.isin(done)]
     written: Counter = Counter()
     problems = list(ds.problems)
@@ -165,6 +166,17 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
             "already_done": len(boxes) - len(todo), "total": len(read_jsonl(manifest)),
             "per_label": dict(written), "skipped_small": int(_small(ds.boxes, cfg.min_box).sum()),
             "skipped_cap": int((~_small(ds.boxes, cfg.min_box)).sum() - len(boxes)), "problems": problems}
+
+
+def chip_stems(image_paths) -> dict[str, str]:
+    """Image path -> the stem its chips are named by: the file stem, plus a hash of the path where
+    two images share a stem (a.jpg and a.png, or one name in two folders), so no chip overwrites
+    another and manifest rows always match files."""
+    by_stem: dict[str, set[str]] = {}
+    for p in image_paths:
+        by_stem.setdefault(Path(p).stem, set()).add(p)
+    return {p: stem if len(ps) == 1 else f"{stem}-{hashlib.sha1(p.encode()).hexdigest()[:8]}"
+            for stem, ps in by_stem.items() for p in ps}
 
 
 def _small(boxes, min_box: float):

@@ -4,15 +4,18 @@ Every format (YOLO detect/OBB + data.yaml, COCO JSON, Pascal VOC XML, DeepForest
 over a GeoTIFF) reads into one `DetectionDataset` and writes back out of it, so the rest of the
 pipeline never sees a format. Image sizes come from file headers (fast); full decoding only with
 `verify=True`. Bad input raises `DataError` naming the file and line, or with `on_error="skip"`
-the offending image is left out and listed in `ds.problems`. Inputs are only ever read.
+the offending image is left out and listed in `ds.problems` (a zero-size box drops only that box).
+Every number read from a label must be finite. Inputs are only ever read.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
+import warnings
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +26,7 @@ import pandas as pd
 import yaml
 
 from detection.errors import DataError
-from detection.geo import map_to_pixel_boxes, pixel_to_map_boxes, read_georef
+from detection.geo import find_georef, map_to_pixel_boxes, pixel_to_map_boxes, read_georef
 from synthgen.io_utils import atomic_write, write_json
 
 IMG_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -36,12 +39,16 @@ OBB_TOL = 0.1  # rotated corners of edge objects legitimately fall outside the i
 SPLIT_ALIASES = {"valid": "val", "validation": "val"}
 OnError = Literal["raise", "skip"]
 Format = Literal["yolo", "yolo-obb", "coco", "voc", "csv", "vector"]
+PixelY = Literal["auto", "down", "up"]
+TIFF_EXT = (".tif", ".tiff")
+GREY = 128  # what libjpeg fills in for every block it finds no data for
 
 
 @dataclass
 class DetectionDataset:
     """Images and boxes as two DataFrames (columns in IMAGE_COLUMNS / BOX_COLUMNS), class names in
-    id order, and the inputs skipped with on_error="skip" (dicts: file, line, reason)."""
+    id order, the inputs skipped with on_error="skip" (dicts: file, line, reason), and notes on how
+    the input was read that a user should see (e.g. vector boxes taken as pixel coordinates)."""
 
     images: pd.DataFrame
     boxes: pd.DataFrame
@@ -49,6 +56,7 @@ class DetectionDataset:
     problems: list[dict] = field(default_factory=list)
     root: str | None = None
     fmt: str | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def splits(self) -> list[str]:
@@ -63,7 +71,7 @@ class DetectionDataset:
         keep = set(im.image_path)
         bx = self.boxes[self.boxes.image_path.isin(keep)]
         return DetectionDataset(im.reset_index(drop=True), bx.reset_index(drop=True), list(self.names),
-                                list(self.problems), self.root, self.fmt)
+                                list(self.problems), self.root, self.fmt, list(self.notes))
 
 
 class _Collector:
@@ -87,23 +95,70 @@ def canonical_split(s: str) -> str:
     return SPLIT_ALIASES.get(s, s)
 
 
-def image_size(path: str | Path, verify: bool = False) -> tuple[int, int]:
-    """(width, height) from the header, EXIF rotation applied; `verify` decodes every pixel."""
-    from PIL import Image, UnidentifiedImageError
+def open_image(path: str | Path, load: bool = False):
+    """The PIL image, every pixel decoded and checked against the header when `load`; Pillow's
+    failures (unreadable, truncated, over its pixel limit) become one DataError naming the file.
+
+    Pillow's pixel-limit warning is silenced: the limit itself is an error here, and below it a
+    header that claims more pixels than the file holds is caught by `_check_pixels`."""
+    from PIL import Image
 
     path = Path(path)
     try:
-        with Image.open(path) as im:
-            w, h = im.size
-            orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
-            if verify:
-                im.load()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(path)
+            try:
+                if load:
+                    im.load()
+            except BaseException:
+                im.close()
+                raise
     except FileNotFoundError as e:
         raise DataError(f"{path}: image not found", file=path, reason="image not found") from e
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        if path.suffix.lower() in (".tif", ".tiff") and not verify:
-            return _raster_size(path)
+    except Image.DecompressionBombError as e:
+        reason = f"over Pillow's pixel limit, refused as a possible decompression bomb ({e})"
+        raise DataError(f"{path}: {reason}", file=path, reason=reason) from e
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError is an OSError
         raise DataError(f"{path}: cannot read image ({e})", file=path, reason=f"cannot read image ({e})") from e
+    if load:
+        try:
+            _check_pixels(im, path)
+        except DataError:
+            im.close()
+            raise
+    return im
+
+
+def _check_pixels(im, path: Path) -> None:
+    """A JPEG whose header claims more pixels than its data holds decodes without error: libjpeg
+    fills every missing block with uniform grey 128. A grey tail of at least a quarter of the height
+    is that fill (a real photo is never exactly 128 there), so it is a DataError, not grey chips."""
+    if im.format != "JPEG" or im.mode not in ("L", "RGB") or im.height < 32:
+        return
+    w, h = im.size
+    tail = np.asarray(im.crop((0, h - h // 4, w, h)))
+    if not (tail == GREY).all():
+        return
+    rows = (np.asarray(im.crop((0, 0, w, h - h // 4))) == GREY).reshape(h - h // 4, -1).all(axis=1)
+    first = int(np.flatnonzero(~rows).max()) + 1 if (~rows).any() else 0
+    reason = (f"header says {w}x{h} but the pixel data ends at row {first}: every row below is the decoder's "
+              "uniform grey fill (header and pixels disagree)")
+    raise DataError(f"{path}: {reason}", file=path, reason=reason)
+
+
+def image_size(path: str | Path, verify: bool = False) -> tuple[int, int]:
+    """(width, height) from the header, EXIF rotation applied; `verify` decodes every pixel."""
+    path = Path(path)
+    try:
+        im = open_image(path, load=verify)
+    except DataError:
+        if path.suffix.lower() in TIFF_EXT and path.is_file() and not verify:
+            return _raster_size(path)
+        raise
+    with im:
+        w, h = im.size
+        orientation = im.getexif().get(0x0112, 1) if im.format in ("JPEG", "TIFF", "WEBP", "PNG") else 1
     return (h, w) if orientation in (5, 6, 7, 8) else (w, h)
 
 
@@ -255,9 +310,12 @@ def _read_yolo(path: Path, col: _Collector, obb: bool | None, splits: list[str] 
         obb = _sniff_obb([f for fs in files_by_split.values() for f in fs])
     nf, tol = (9, OBB_TOL) if obb else (5, DETECT_TOL)
     form = "cls x1 y1 x2 y2 x3 y3 x4 y4" if obb else "cls cx cy w h"
+    shared = _shared_label_files(files_by_split, col)
     for split, files in files_by_split.items():
         for img in files:
             lab = label_path(img)
+            if lab in shared:
+                continue
             rows = _parse_label_file(lab, col, names, nf, tol, form)
             if rows is None:
                 continue
@@ -273,11 +331,36 @@ def _read_yolo(path: Path, col: _Collector, obb: bool | None, splits: list[str] 
                 else:
                     cx, cy, bw, bh = v[1] * w, v[2] * h, v[3] * w, v[4] * h
                     corners, (x0, y0, x1, y1) = None, (cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2)
-                x0, x1 = float(np.clip(x0, 0, w)), float(np.clip(x1, 0, w))
-                y0, y1 = float(np.clip(y0, 0, h)), float(np.clip(y1, 0, h))
-                boxes.append(_box(img, x0, y0, x1, y1, names[int(v[0])], split, f"{lab}:{ln}", obb=corners))
+                xyxy = _clip(col, lab, ln, (x0, y0, x1, y1), w, h)
+                if xyxy:
+                    boxes.append(_box(img, *xyxy, names[int(v[0])], split, f"{lab}:{ln}", obb=corners))
     im, bx = _frames(images, boxes)
     return DetectionDataset(im, bx, names, col.problems, str(dy.root), "yolo-obb" if obb else "yolo")
+
+
+def _shared_label_files(files_by_split: dict[str, list[Path]], col: _Collector) -> set[Path]:
+    """Label files that two different images map to (`a.jpg` and `a.png` in one folder both read
+    `a.txt`): which image the boxes belong to is unknowable, so both are a problem, not counted twice."""
+    owners: dict[Path, set[str]] = {}
+    for files in files_by_split.values():
+        for img in files:
+            owners.setdefault(label_path(img), set()).add(str(img.resolve()))
+    shared = {lab: sorted(o) for lab, o in owners.items() if len(o) > 1}
+    for lab, imgs in shared.items():
+        col.fail(lab, None, f"one label file for {len(imgs)} images with one stem ("
+                 + ", ".join(Path(i).name for i in imgs) + "); give each image its own stem")
+    return set(shared)
+
+
+def _clip(col: _Collector, file: Path, line: int | None, box, w: int, h: int, where: str = ""):
+    """The box clipped to the w x h image, or None after listing it when nothing of it is left:
+    a zero-size box drops itself, never the image and its good boxes."""
+    x0, x1 = float(np.clip(box[0], 0, w)), float(np.clip(box[2], 0, w))
+    y0, y1 = float(np.clip(box[1], 0, h)), float(np.clip(box[3], 0, h))
+    if x1 <= x0 or y1 <= y0:
+        col.fail(file, line, f"{where}zero-size box {x0:g},{y0:g},{x1:g},{y1:g} once clipped to the {w}x{h} image")
+        return None
+    return x0, y0, x1, y1
 
 
 def _parse_label_file(lab: Path, col: _Collector, names: list[str], nf: int, tol: float,
@@ -298,14 +381,17 @@ def _parse_label_file(lab: Path, col: _Collector, names: list[str], nf: int, tol
         except ValueError:
             col.fail(lab, ln, f"non-numeric field in {line.strip()!r}")
             return None
+        if not all(map(math.isfinite, f)):
+            col.fail(lab, ln, f"non-finite number (nan/inf) in {line.strip()!r}")
+            return None
         if f[0] != int(f[0]) or not 0 <= f[0] < len(names):
             col.fail(lab, ln, f"class id {v[0]} not in data.yaml names (0..{len(names) - 1})")
             return None
         if nf == 5:
             cx, cy, bw, bh = f[1:]
             if bw <= 0 or bh <= 0:
-                col.fail(lab, ln, f"box width/height must be > 0, got {bw} {bh}")
-                return None
+                col.fail(lab, ln, f"zero-size box: width/height must be > 0, got {bw:g} {bh:g}")
+                continue
             coords = [cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2]
         else:
             coords = f[1:]
@@ -386,6 +472,11 @@ def _resolve_image(name: str, base: Path, images_dir: Path | None) -> Path:
     return (images_dir or base) / name
 
 
+def _is_number(v) -> bool:
+    """A finite int or float as JSON gives it (Python's json reads NaN and Infinity too)."""
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _read_coco(path: Path, col: _Collector, split: str | None, images_dir: Path | None,
                verify: bool) -> DetectionDataset:
     files = sorted(path.glob("*.json")) if path.is_dir() else [path]
@@ -408,6 +499,9 @@ def _read_coco(path: Path, col: _Collector, split: str | None, images_dir: Path 
         for im in d["images"]:
             img = _resolve_image(im["file_name"], jf.parent, images_dir)
             size = (im["width"], im["height"]) if im.get("width") and im.get("height") else None
+            if size and not all(_is_number(v) and v > 0 for v in size):
+                col.fail(jf, None, f"image id {im['id']}: width/height must be positive numbers, got {size}")
+                continue
             row_boxes, ok = [], True
             for a in anns.get(im["id"], []):
                 where = f"annotation id {a.get('id')}"
@@ -416,11 +510,14 @@ def _read_coco(path: Path, col: _Collector, split: str | None, images_dir: Path 
                     col.fail(jf, None, f"{where}: needs bbox [x, y, w, h] and a category_id in categories")
                     ok = False
                     break
-                x, y, bw, bh = (float(v) for v in bbox)
-                if bw <= 0 or bh <= 0:
-                    col.fail(jf, None, f"{where}: bbox width/height must be > 0")
+                if not all(map(_is_number, bbox)):
+                    col.fail(jf, None, f"{where}: bbox {bbox} must be four finite numbers")
                     ok = False
                     break
+                x, y, bw, bh = (float(v) for v in bbox)
+                if bw <= 0 or bh <= 0:
+                    col.fail(jf, None, f"{where}: zero-size bbox, width/height must be > 0")
+                    continue
                 row_boxes.append((x, y, x + bw, y + bh, cats[a["category_id"]], where))
             if not ok:
                 continue
@@ -478,7 +575,7 @@ def _read_voc(path: Path, col: _Collector, split: str | None, images_dir: Path |
             img = Path(given) if given and Path(given).is_file() else _resolve_image(fname, xf.parent, images_dir)
             try:
                 sw, sh = int(float(root.findtext("size/width") or 0)), int(float(root.findtext("size/height") or 0))
-            except ValueError:
+            except (ValueError, OverflowError):  # nan / inf: read the size from the image instead
                 sw = sh = 0
             row_boxes, ok = [], True
             for k, obj in enumerate(root.iter("object"), 1):
@@ -489,14 +586,17 @@ def _read_voc(path: Path, col: _Collector, split: str | None, images_dir: Path |
                     col.fail(xf, None, f"object {k}: needs <name> and numeric <bndbox> xmin/ymin/xmax/ymax")
                     ok = False
                     break
-                if not lab or x1 <= x0 or y1 <= y0:
-                    col.fail(xf, None, f"object {k}: empty name or xmax <= xmin / ymax <= ymin")
+                if not lab or not all(map(math.isfinite, (x0, y0, x1, y1))):
+                    col.fail(xf, None, f"object {k}: needs a <name> and finite <bndbox> numbers")
                     ok = False
                     break
+                if x1 <= x0 or y1 <= y0:
+                    col.fail(xf, None, f"object {k}: zero-size box, xmax <= xmin or ymax <= ymin")
+                    continue
                 row_boxes.append((x0, y0, x1, y1, lab, k))
             if not ok:
                 continue
-            if _add_image(col, images, img, sp, str(xf), verify, (sw, sh) if sw and sh else None) is None:
+            if _add_image(col, images, img, sp, str(xf), verify, (sw, sh) if sw > 0 and sh > 0 else None) is None:
                 continue
             for x0, y0, x1, y1, lab, k in row_boxes:
                 names += [lab] if lab not in names else []
@@ -561,10 +661,13 @@ def _read_csv(path: Path, col: _Collector, split: str | None, images_dir: Path |
                     break
                 if (np.isnan([x0, y0, x1, y1]).all() or x0 == y0 == x1 == y1 == 0) and not r["label"]:
                     continue  # DeepForest's empty-image row
-                if np.isnan([x0, y0, x1, y1]).any() or x1 <= x0 or y1 <= y0 or not r["label"]:
-                    col.fail(cf, ln, "box needs xmin < xmax, ymin < ymax and a label")
+                if not all(map(math.isfinite, (x0, y0, x1, y1))) or not r["label"]:
+                    col.fail(cf, ln, "box needs finite xmin, ymin, xmax, ymax (no nan/inf) and a label")
                     ok = False
                     break
+                if x1 <= x0 or y1 <= y0:
+                    col.fail(cf, ln, f"zero-size box {x0:g},{y0:g},{x1:g},{y1:g}: needs xmin < xmax and ymin < ymax")
+                    continue
                 row_boxes.append((x0, y0, x1, y1, r["label"], ln))
             if not ok:
                 continue
@@ -578,7 +681,9 @@ def _read_csv(path: Path, col: _Collector, split: str | None, images_dir: Path |
                     images.pop()
                     boxes[:] = [b for b in boxes if b["image_path"] != str(img.resolve())]
                     break
-                boxes.append(_box(img, max(x0, 0.0), max(y0, 0.0), min(x1, w), min(y1, h), lab, sp, f"{cf}:{ln}"))
+                xyxy = _clip(col, cf, ln, (x0, y0, x1, y1), w, h)
+                if xyxy:
+                    boxes.append(_box(img, *xyxy, lab, sp, f"{cf}:{ln}"))
     im, bx = _frames(images, boxes)
     return DetectionDataset(im, bx, sorted(set(bx.label)), col.problems, str(path), "csv")
 
@@ -596,8 +701,11 @@ def _write_csv(ds: DetectionDataset, out: Path) -> Path:
 
 # --- vector boxes over GeoTIFFs -----------------------------------------------------------------
 def _read_vector(path: Path, col: _Collector, split: str | None, raster: Path | None,
-                 verify: bool) -> DetectionDataset:
+                 verify: bool, pixel_y: PixelY, notes: list[str]) -> DetectionDataset:
+    """Vector boxes over images. Map coordinates need a CRS on both sides; with none on either
+    (no .prj, plain PNG/JPG) they are image pixel coordinates, y down or negated (`pixel_y`)."""
     import geopandas as gpd
+    import shapely
 
     files = sorted(p for p in path.iterdir() if p.suffix.lower() in VECTOR_EXT) if path.is_dir() else [path]
     images: list[dict] = []
@@ -607,36 +715,89 @@ def _read_vector(path: Path, col: _Collector, split: str | None, raster: Path | 
             gdf = gpd.read_file(vf)
         except Exception as e:  # noqa: BLE001 - pyogrio raises several unrelated types
             raise DataError(f"{vf}: cannot read vector file ({e})", file=vf) from e
-        if gdf.crs is None:
-            raise DataError(f"{vf}: vector file has no CRS (for a shapefile: the .prj file is missing); "
-                            "set one, e.g. gdf.set_crs('EPSG:32617')", file=vf)
         if "label" not in gdf.columns:
             raise DataError(f"{vf}: needs a `label` column, has {list(gdf.columns)}", file=vf)
-        if raster is None and "image_path" not in gdf.columns:
-            raise DataError(f"{vf}: no `image_path` column; pass the GeoTIFF it annotates (raster=...)", file=vf)
+        _check_lonlat(vf, gdf)
         sp = canonical_split(split or (vf.stem if canonical_split(vf.stem) in ("train", "val", "test") else "train"))
-        groups = {str(raster): gdf} if raster is not None else dict(tuple(gdf.groupby("image_path", sort=False)))
+        groups = {str(raster or _image_beside(vf)): gdf} if raster is not None or "image_path" not in gdf.columns \
+            else dict(tuple(gdf.groupby("image_path", sort=False)))
         for name, g in groups.items():
             img = _resolve_image(name, vf.parent, None)
-            geo = read_georef(img)
-            g = g.to_crs(geo.crs) if not g.crs.equals(geo.crs) else g
-            if _add_image(col, images, img, sp, str(vf), verify, (geo.width, geo.height)) is None:
+            geo = find_georef(img)
+            if geo is None and g.crs is None:
+                transform, size = _pixel_grid(vf, img, g, pixel_y, notes), None
+            elif g.crs is None:
+                raise DataError(f"{vf}: vector file has no CRS (for a shapefile: the .prj file is missing) but "
+                                f"{img.name} is georeferenced ({geo.crs}); add the vector file's CRS", file=vf)
+            elif geo is None:
+                raise DataError(f"{img}: raster has no CRS, so map coordinates from {vf.name} cannot be placed on it",
+                                file=img)
+            else:
+                g = g.to_crs(geo.crs) if not g.crs.equals(geo.crs) else g
+                transform, size = geo.transform, (geo.width, geo.height)
+            wh = _add_image(col, images, img, sp, str(vf), verify, size)
+            if wh is None:
                 continue
+            w, h = wh
             bad = [i for i, gm in zip(g.index, g.geometry, strict=True) if gm is None or gm.is_empty]
             if bad:
                 col.fail(vf, None, f"feature {bad[0] + 1}: empty geometry")
                 images.pop()
                 continue
-            px = map_to_pixel_boxes(list(g.geometry), geo.transform)
-            for (i, r), (x0, y0, x1, y1), gm in zip(g.iterrows(), px, g.geometry, strict=True):
-                if x1 <= 0 or y1 <= 0 or x0 >= geo.width or y0 >= geo.height:
-                    col.fail(vf, None, f"feature {i + 1}: outside raster {img.name}")
+            px = map_to_pixel_boxes(list(g.geometry), transform)
+            for (i, r), box, gm in zip(g.iterrows(), px, g.geometry, strict=True):
+                where = f"feature {i + 1}: "
+                if not np.isfinite(box).all() or not np.isfinite(shapely.get_coordinates(gm)).all():
+                    col.fail(vf, None, f"{where}coordinates are not finite numbers (nan/inf)")
                     continue
-                x0, x1 = float(np.clip(x0, 0, geo.width)), float(np.clip(x1, 0, geo.width))
-                y0, y1 = float(np.clip(y0, 0, geo.height)), float(np.clip(y1, 0, geo.height))
-                boxes.append(_box(img, x0, y0, x1, y1, str(r["label"]), sp, f"{vf}:feature {i + 1}", geometry=gm))
+                if box[2] <= 0 or box[3] <= 0 or box[0] >= w or box[1] >= h:
+                    col.fail(vf, None, f"{where}outside raster {img.name}")
+                    continue
+                xyxy = _clip(col, vf, None, box, w, h, where)
+                if xyxy:
+                    boxes.append(_box(img, *xyxy, str(r["label"]), sp, f"{vf}:feature {i + 1}",
+                                      geometry=gm if size else None))
     im, bx = _frames(images, boxes)
-    return DetectionDataset(im, bx, sorted(set(bx.label)), col.problems, str(path), "vector")
+    return DetectionDataset(im, bx, sorted(set(bx.label)), col.problems, str(path), "vector", notes)
+
+
+def _check_lonlat(vf: Path, gdf) -> None:
+    """In a geographic CRS (a GeoJSON without `crs` member is WGS84 by RFC 7946) coordinates beyond
+    +-180 / +-90 are projected ones mislabelled: an error, not boxes that reproject to NaN."""
+    if gdf.crs is None or not gdf.crs.is_geographic or gdf.empty:
+        return
+    import shapely
+
+    xy = shapely.get_coordinates(gdf.geometry.dropna())
+    xy = xy[np.isfinite(xy).all(axis=1)]
+    off = xy[(np.abs(xy[:, 0]) > 180) | (np.abs(xy[:, 1]) > 90)]
+    if len(off):
+        raise DataError(f"{vf}: coordinate {off[0, 0]:g},{off[0, 1]:g} is outside longitude/latitude range of "
+                        f"{gdf.crs.name} (a GeoJSON without a `crs` member is WGS84); give the file its real CRS",
+                        file=vf)
+
+
+def _image_beside(vf: Path) -> Path:
+    """The one image with the vector file's stem next to it (per-image annotation layouts)."""
+    found = [p for p in sorted(vf.parent.glob(f"{vf.stem}.*")) if p.suffix.lower() in IMG_EXT]
+    if len(found) != 1:
+        raise DataError(f"{vf}: no `image_path` column and {len(found)} images named {vf.stem}.* beside it; "
+                        "pass the image or GeoTIFF it annotates (--raster)", file=vf)
+    return found[0]
+
+
+def _pixel_grid(vf: Path, img: Path, g, pixel_y: PixelY, notes: list[str]):
+    """The pixel -> 'map' transform of vector boxes drawn in image pixels: identity with y down, or
+    y negated (GIS tools draw an image without CRS with y up); `auto` takes negated when every y <= 0."""
+    import shapely
+    from rasterio.transform import Affine
+
+    ys = shapely.get_coordinates(g.geometry.dropna())[:, 1]
+    up = pixel_y == "up" or (pixel_y == "auto" and len(ys) > 0 and bool((ys <= 0).all()))
+    why = "every y <= 0" if pixel_y == "auto" and up else "auto: some y > 0" if pixel_y == "auto" else "as asked"
+    notes.append(f"{vf}: no CRS on it or on {img.name}: boxes read as image pixel coordinates, "
+                 f"y {'negated' if up else 'down'} ({why}; --pixel-y down|up to choose)")
+    return Affine(1, 0, 0, 0, -1 if up else 1, 0)
 
 
 def _write_vector(ds: DetectionDataset, out: Path, ext: str) -> Path:
@@ -685,20 +846,23 @@ def detect_format(path: str | Path) -> str:
                 return kind
     else:
         raise DataError(f"{p}: no such file or folder", file=p)
-    raise DataError(f"{p}: cannot tell the annotation format; pass fmt= (yolo, yolo-obb, coco, voc, csv, vector)",
+    raise DataError(f"{p}: cannot tell the annotation format; pass --format (fmt= in Python): yolo, yolo-obb, coco, voc, csv or vector",
                     file=p)
 
 
 def read_dataset(path: str | Path, fmt: Format | None = None, on_error: OnError = "raise",
                  raster: str | Path | None = None, split: str | None = None, splits: list[str] | None = None,
                  images_dir: str | Path | None = None, names: list[str] | None = None,
-                 verify: bool = False) -> DetectionDataset:
+                 verify: bool = False, pixel_y: PixelY = "auto") -> DetectionDataset:
     """Read any supported format into a DetectionDataset.
 
     `split` names the split of single-file formats (default: the file stem when it is train/val/test,
     else train); `splits` limits a data.yaml to some splits; `raster` is the GeoTIFF a vector file
-    annotates; `names` fixes the class order for formats without ids (CSV, VOC, vector)."""
+    annotates; `names` fixes the class order for formats without ids (CSV, VOC, vector); `pixel_y` is
+    the y direction of vector boxes in pixel coordinates (no CRS on the file or the image)."""
     path = Path(path)
+    if pixel_y not in ("auto", "down", "up"):
+        raise ValueError(f"pixel_y must be auto, down or up, not {pixel_y!r}")
     fmt = fmt or detect_format(path)
     col = _Collector(on_error)
     idir = Path(images_dir) if images_dir else None
@@ -711,7 +875,7 @@ def read_dataset(path: str | Path, fmt: Format | None = None, on_error: OnError 
     elif fmt == "csv":
         ds = _read_csv(path, col, split, idir, verify)
     elif fmt == "vector":
-        ds = _read_vector(path, col, split, Path(raster) if raster else None, verify)
+        ds = _read_vector(path, col, split, Path(raster) if raster else None, verify, pixel_y, [])
     else:
         raise DataError(f"{path}: unknown format {fmt!r}", file=path)
     if names is not None:
@@ -732,6 +896,10 @@ def write_dataset(ds: DetectionDataset, out: str | Path, fmt: str = "yolo", imag
         d = Path(d) if Path(d).is_dir() else Path(d).parent
         if out == d.resolve() or d.resolve() in out.parents:
             raise DataError(f"{out}: inside the input folder {d}; write the converted dataset elsewhere", file=out)
+    xyxy = ds.boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy(float)
+    if not np.isfinite(xyxy).all():
+        bad = ds.boxes.source.iloc[int(np.flatnonzero(~np.isfinite(xyxy).all(axis=1))[0])]
+        raise DataError(f"{bad}: box coordinates are not finite (nan/inf); nothing written to {out}", file=bad)
     out.mkdir(parents=True, exist_ok=True)
     if fmt in ("yolo", "yolo-obb"):
         return _write_yolo(ds, out, fmt == "yolo-obb", images)

@@ -28,16 +28,29 @@ class Georef:
 
 def read_georef(path: str | Path) -> Georef:
     """Transform and CRS of a raster (header only); a raster without CRS is a DataError naming it."""
+    geo = find_georef(path)
+    if geo is None:
+        raise DataError(f"{path}: raster has no CRS, so map coordinates cannot be placed on it", file=path)
+    return geo
+
+
+def find_georef(path: str | Path) -> Georef | None:
+    """Like `read_georef`, but None for an image without CRS (a plain PNG/JPG): vector boxes over it
+    can only be in pixel coordinates, which the caller decides."""
+    import warnings
+
     import rasterio
-    from rasterio.errors import RasterioIOError
+    from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
     try:
-        with rasterio.open(path) as src:
-            crs, transform, w, h = src.crs, src.transform, src.width, src.height
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", NotGeoreferencedWarning)
+            with rasterio.open(path) as src:
+                crs, transform, w, h = src.crs, src.transform, src.width, src.height
     except RasterioIOError as e:
         raise DataError(f"{path}: cannot read raster ({e})", file=path) from e
     if crs is None:
-        raise DataError(f"{path}: raster has no CRS, so map coordinates cannot be placed on it", file=path)
+        return None
     if transform.is_identity:
         raise DataError(f"{path}: raster has no geotransform (identity affine)", file=path)
     return Georef(str(Path(path).resolve()), transform, crs, w, h)

@@ -14,7 +14,7 @@ def inspect_dataset(ds: DetectionDataset) -> dict:
     (min/median/max of width and height, overall and per class); plus the problems found."""
     per_image = ds.images.groupby("image_path").split.nunique()
     out: dict = {"format": ds.fmt, "root": ds.root, "names": list(ds.names), "splits": {},
-                 "problems": list(ds.problems),
+                 "problems": list(ds.problems), "notes": list(ds.notes),
                  "images_in_several_splits": sorted(per_image.index[per_image > 1])}
     for split in ds.splits:
         im = ds.images[ds.images.split == split]
@@ -46,8 +46,10 @@ def _size_stats(w: np.ndarray, h: np.ndarray) -> dict:
 
 
 def report_tables(stats: dict) -> list:
-    """Rich tables for the CLI (kept here so notebooks can render the same view)."""
+    """Rich tables for the CLI (kept here so notebooks can render the same view). Problems and notes
+    are plain `file:line: reason` lines, never a table column: a table cuts paths to fit the terminal."""
     from rich.table import Table
+    from rich.text import Text
 
     splits = list(stats["splits"])
     t = Table(title=f"{stats['format']} dataset: images and boxes per split")
@@ -80,11 +82,9 @@ def report_tables(stats: dict) -> list:
             leak.add_row(p)
         tables.append(leak)
     if stats["problems"]:
-        p = Table(title=f"{len(stats['problems'])} problems (skipped)")
-        for c in ("file", "line", "reason"):
-            p.add_column(c)
-        for r in stats["problems"]:
-            p.add_row(r["file"], str(r["line"] or ""), r["reason"])
-        tables.append(p)
+        lines = [f"{len(stats['problems'])} problems (skipped):"] + [
+            f"{r['file']}{':' + str(r['line']) if r['line'] else ''}: {r['reason']}" for r in stats["problems"]]
+        tables.append(Text("\n".join(lines), no_wrap=True, overflow="ignore"))
+    tables += [Text(f"note: {n}", no_wrap=True, overflow="ignore") for n in stats.get("notes", [])]
     return tables
 

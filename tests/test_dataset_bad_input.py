@@ -107,7 +107,7 @@ def test_bad_csv_row_and_coco(small, tmp_path):
     lines = f.read_text().splitlines()
     lines[3] = lines[3].split(",")[0] + ",10,10,5,20,fish"  # xmax < xmin on file line 4
     f.write_text("\n".join(lines) + "\n")
-    with pytest.raises(DataError, match=r"train.csv:4: box needs xmin < xmax"):
+    with pytest.raises(DataError, match=r"train.csv:4: zero-size box 10,10,5,20"):
         read_dataset(f)
     (tmp_path / "bad.json").write_text('{"images": [],\n "annotations": [,]}')
     with pytest.raises(DataError, match=r"bad.json:2: not valid JSON"):

@@ -28,6 +28,7 @@ import torch  # noqa: E402
 import yaml  # noqa: E402
 from pydantic import ConfigDict, Field, field_validator  # noqa: E402
 
+from detection.backbones import register_backbones  # noqa: E402
 from synthgen.config import YamlConfig  # noqa: E402
 from synthgen.errors import ConfigError, SynthgenError  # noqa: E402
 from synthgen.io_utils import atomic_write, write_json  # noqa: E402
@@ -85,6 +86,7 @@ def make_ultralytics_offline() -> None:
     u_trainer.check_amp = _amp
     u_dataset.save_dataset_cache_file = _no_cache
     restore_pil_open()
+    register_backbones()  # model yamls may name the pretrained backbones (detection/backbones.py)
     _PATCHED = True
 
 

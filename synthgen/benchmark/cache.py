@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -42,10 +43,12 @@ def stage_hash(*parts: Any) -> str:
 class StageCache:
     """Runs stages in `root/<name>/`, skipping those whose `.done.json` hash matches."""
 
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, log: Callable[[str], None] | None = None):
         self.root = Path(root)
         self.ran: list[str] = []
         self.skipped: list[str] = []
+        self.seconds: dict[str, float] = {}  # wall time of every stage this run used (cached: when it ran)
+        self.log = log
 
     def run(self, name: str, key: str, fn: Callable[[Path], dict | None], resumable: bool = False) -> dict:
         """Run `fn(folder)` unless cached; returns the dict stored in the marker ('result')."""
@@ -55,6 +58,7 @@ class StageCache:
             done = json.loads(marker.read_text())
             if done.get("hash") == key:
                 self.skipped.append(name)
+                self.seconds[name] = float(done.get("seconds", 0.0))
                 return done.get("result") or {}
             shutil.rmtree(folder)  # stale: config or upstream changed
         elif folder.exists():  # killed mid-way: resume only the same inputs, and only if the stage can
@@ -63,7 +67,13 @@ class StageCache:
                 shutil.rmtree(folder)
         folder.mkdir(parents=True, exist_ok=True)
         write_json(inputs, {"hash": key})
+        if self.log:
+            self.log(f"stage {name} ...")
+        t0 = time.perf_counter()
         result = fn(folder) or {}
-        write_json(marker, {"hash": key, "result": result})
+        self.seconds[name] = time.perf_counter() - t0
+        write_json(marker, {"hash": key, "result": result, "seconds": self.seconds[name]})
         self.ran.append(name)
+        if self.log:
+            self.log(f"stage {name} done in {self.seconds[name]:.0f} s")
         return result

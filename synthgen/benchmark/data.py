@@ -61,3 +61,56 @@ def write_list(path: Path, files: list[str]) -> Path:
     with atomic_write(path) as f:
         f.write("\n".join(files) + "\n")
     return path
+
+
+def yolo_label_path(image: str | Path) -> Path:
+    """Where ultralytics looks for an image's label: the last `/images/` becomes `/labels/`."""
+    s = str(image)
+    i = s.rfind("/images/")
+    return Path(s[:i] + "/labels/" + s[i + len("/images/"):]).with_suffix(".txt")
+
+
+def cut_windows(images: list[str], out: Path, window: int, overlap: float, min_visible: float) -> dict[str, list[str]]:
+    """Cut each image (with its YOLO label) into `window` px squares at full resolution.
+
+    Why: a detector trained on windows at imgsz = window sees every animal at its own pixel size,
+    where resizing whole tiles to a small imgsz shrinks seals to a few pixels. A box cut by a window
+    edge is clipped and kept if `min_visible` of it is inside, else dropped. Returns image -> windows."""
+    import numpy as np
+    from PIL import Image
+
+    from detection.infer import tile_origins
+
+    out_images, out_labels = out / "images", out / "labels"
+    out_images.mkdir(parents=True, exist_ok=True)
+    out_labels.mkdir(parents=True, exist_ok=True)
+    index: dict[str, list[str]] = {}
+    for src in images:
+        with Image.open(src) as im:
+            rgb = im.convert("RGB")
+        w, h = rgb.size
+        lab = yolo_label_path(src)
+        rows = [ln.split() for ln in lab.read_text().splitlines() if ln.strip()] if lab.is_file() else []
+        b = np.array([[float(v) for v in r[1:5]] for r in rows]).reshape(-1, 4)
+        cls = [r[0] for r in rows]
+        xyxy = np.stack([(b[:, 0] - b[:, 2] / 2) * w, (b[:, 1] - b[:, 3] / 2) * h,
+                         (b[:, 0] + b[:, 2] / 2) * w, (b[:, 1] + b[:, 3] / 2) * h], 1)
+        area = np.clip((xyxy[:, 2] - xyxy[:, 0]) * (xyxy[:, 3] - xyxy[:, 1]), 1e-9, None)
+        index[src] = []
+        for y0 in tile_origins(h, window, overlap):
+            for x0 in tile_origins(w, window, overlap):
+                ww, wh = min(window, w - x0), min(window, h - y0)
+                c = xyxy.copy()
+                c[:, [0, 2]] = np.clip(c[:, [0, 2]] - x0, 0, ww)
+                c[:, [1, 3]] = np.clip(c[:, [1, 3]] - y0, 0, wh)
+                vis = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]) / area
+                lines = [f"{k} {(x[0] + x[2]) / 2 / ww:.6f} {(x[1] + x[3]) / 2 / wh:.6f} {(x[2] - x[0]) / ww:.6f} "
+                         f"{(x[3] - x[1]) / wh:.6f}" for k, x, v in zip(cls, c, vis, strict=True) if v >= min_visible]
+                name = f"{Path(src).stem}__{x0}_{y0}"
+                dst = out_images / f"{name}.jpg"
+                with atomic_write(dst, "wb") as f:
+                    rgb.crop((x0, y0, x0 + ww, y0 + wh)).save(f, format="JPEG", quality=95)
+                with atomic_write(out_labels / f"{name}.txt") as f:
+                    f.write("\n".join(lines) + ("\n" if lines else ""))
+                index[src].append(str(dst))
+    return index

@@ -39,54 +39,58 @@ def per_taxon(runs: pd.DataFrame) -> pd.DataFrame:
     return df.groupby(["taxon", "arm", "fraction"]).ap50.mean().reset_index()
 
 
-def verdict(results: dict, runs: pd.DataFrame, diffs: pd.DataFrame) -> list[str]:
-    """Plain sentences: the goal check and, if it fails, the reasons we can see in the data."""
+def _iv(r) -> str:
+    return f"{r['mean'] * 100:+.1f} points [95 % interval {r['lo'] * 100:+.1f}, {r['hi'] * 100:+.1f}]"
+
+
+def verdict(results: dict, runs: pd.DataFrame, intervals: pd.DataFrame) -> list[str]:
+    """Plain sentences: the goal, stated either way, and what holds it back when it is not met.
+    An arm is said to help only when its interval (test images x paired seeds) excludes zero."""
     cfg = results["config"]
     goal_f, gain = cfg["goal_fraction"], cfg["goal_map50_gain"]
     skipped = results.get("skipped_arms", {})
-    lines = []
     fracs = sorted(runs.fraction.unique()) if len(runs) else []
     f = min(fracs, key=lambda x: abs(x - goal_f)) if fracs else goal_f
-    d = diffs[(diffs.fraction == f)].set_index("arm") if len(diffs) else pd.DataFrame()
-    if "synthgen" in skipped or "synthgen" not in d.index:
-        why = skipped.get("synthgen") or (
-            f"this run's arms are {', '.join(cfg['arms'])}" if "synthgen" not in cfg["arms"] else "no runs finished")
-        lines.append(f"**Not answered:** the real + synthgen arm was not run ({why}). "
-                     "Only the arms below were measured; no claim about synthetic data is made.")
+    iv = intervals[(intervals.test == "test") & (intervals.fraction == f)].set_index("arm") if len(intervals) else (
+        pd.DataFrame())
+    lines = [f"**Goal:** at {goal_f:.0%} real, real + synthgen >= real-only + {gain * 100:.0f} mAP50 points with a "
+             "95 % interval that excludes zero, and above real + copy-paste."]
+    gen_arms = [a for a in ("synthgen", "incontext") if a in iv.index]
+    if not gen_arms:
+        why = "; ".join(f"{a}: {skipped[a]}" for a in ("synthgen", "incontext") if a in skipped) or "not in this run"
+        lines.append(f"**Goal not answered:** no real + synthgen arm was measured ({why}).")
+        return lines
+    base = runs[(runs.arm == "real") & (runs.fraction == f)].map50.mean()
+    if base < BASELINE_FLOOR:
+        lines.append(f"**Not answerable at this scale:** the real-only detector reaches mAP50 {base:.3f} at "
+                     f"{f:.0%} of the real data (scale '{results['scale']}'). A detector that has not learned "
+                     "the task cannot show whether more data helps, so the differences below are noise, not "
+                     "evidence either way.")
+    cp = iv.loc["copy_paste"] if "copy_paste" in iv.index else None
+    met_any = False
+    for a in gen_arms:
+        r = iv.loc[a]
+        helps = r.lo > 0
+        met = helps and r.mean >= gain and cp is not None and r.mean > cp.mean and base >= BASELINE_FLOOR
+        met_any |= met
+        lines.append(f"At {f:.0%} real, {ARMS[a]} vs real-only: {_iv(r)} over {int(r.n_seeds)} paired seeds; "
+                     f"{'helps (interval excludes zero)' if helps else 'not shown to help (interval includes zero)' if r.lo <= 0 <= r.hi else 'hurts (interval below zero)'}. "
+                     f"Goal: **{'met' if met else 'not met'}**.")
+    if cp is None:
+        lines.append("Copy-paste arm not measured, so the generator's own contribution is not isolated.")
     else:
-        base = runs[(runs.arm == "real") & (runs.fraction == f)].map50.mean()
-        if base < BASELINE_FLOOR:
-            lines.append(f"**Not answerable at this scale:** the real-only detector reaches mAP50 {base:.3f} at "
-                         f"{f:.0%} of the real data (scale '{results['scale']}'). A detector that has not learned "
-                         "the task cannot show whether more data helps, so the differences below are noise, not "
-                         "evidence either way. Train longer (a larger scale) before reading them.")
-        syn = d.loc["synthgen"]
-        ok_gain = syn.mean_diff >= gain
-        cp = d.loc["copy_paste"].mean_diff if "copy_paste" in d.index else None
-        ok_cp = cp is not None and syn.mean_diff > cp
-        lines.append(
-            f"At {f:.0%} of the real data, real + synthgen vs real-only: {syn.mean_diff * 100:+.1f} mAP50 points "
-            f"(paired over {int(syn.n_pairs)} seeds, sd {syn.std_diff * 100:.1f}, better in {int(syn.wins)}). "
-            f"Goal (>= {gain * 100:.0f} points): **{'met' if ok_gain else 'not met'}**."
-        )
-        if cp is None:
-            lines.append("Copy-paste arm not measured, so the generator's own contribution is not isolated.")
-        else:
-            order = ("no ranking of the two at this scale" if base < BASELINE_FLOOR else
-                     f"real + synthgen {'beats' if ok_cp else 'does not beat'} copy-paste")
-            lines.append(f"Real + copy-paste vs real-only: {cp * 100:+.1f} points; {order}.")
-        helped = (diffs[diffs.arm == "synthgen"].mean_diff > 0).any()
-        answer = "Not shown (see above)" if base < BASELINE_FLOOR else "Yes, at some fractions" if helped else "No"
-        lines.append(f"**Did synthetic data help?** {answer} (arm 3, real + synthgen): see the paired-difference "
-                     "table.")
-        if "pretrain_finetune" in d.index and d.loc["pretrain_finetune"].mean_diff > 0:
-            pf = d.loc["pretrain_finetune"]
-            lines.append(f"Pre-training on the composed tiles then fine-tuning on real (arm 5): "
-                         f"{pf.mean_diff * 100:+.1f} points (better in {int(pf.wins)} of {int(pf.n_pairs)}), but "
-                         "with twice arm 1's optimizer steps on tiles that keep the real animals, so this does "
-                         "not isolate the generated instances.")
-        if not (ok_gain and ok_cp):
-            lines.append("What holds it back (from these numbers): " + "; ".join(_limits(results, runs)))
+        lines.append(f"Real + copy-paste vs real-only: {_iv(cp)}.")
+    if "pretrain_finetune" in iv.index:
+        pf = iv.loc["pretrain_finetune"]
+        ctl = f"; its control, real-only with as many optimizer steps: {_iv(iv.loc['real_long'])}" if (
+            "real_long" in iv.index) else " (its equal-steps control was not run)"
+        lines.append(f"Pre-train on synthgen tiles, fine-tune on real: {_iv(pf)}{ctl}.")
+    half = intervals[intervals.test == "test"].half_width.max() if len(intervals) else float("nan")
+    if half == half:
+        lines.append(f"Widest interval half-width: {half * 100:.1f} points (the protocol asks <= 2 points; "
+                     "more seeds narrow the seed part).")
+    if not met_any:
+        lines.append("What holds it back (from these numbers): " + "; ".join(_limits(results, runs)))
     return lines
 
 
@@ -221,6 +225,84 @@ def _filter_line(f: dict | None) -> str:
             f"{rule}; near-duplicates are rejected{copies}{bars}.")
 
 
+def stage_times(seconds: dict[str, float]) -> pd.DataFrame:
+    """Wall time per kind of stage (summed over cells): `cells/f0.1-s0/synthgen/eval-test` counts as
+    `eval-test`, `cells/f0.1-s0/synthgen` as `detector synthgen`."""
+    import re
+
+    from synthgen.benchmark.config import ARMS as arms
+
+    rows = []
+    for name, sec in seconds.items():
+        last = re.sub(r"^cells/[^/]+/", "", name)
+        kind = last.split("/")[-1]
+        if "/" not in last and kind in arms:
+            kind = f"detector {kind}"
+        elif name.startswith("tests/"):
+            kind = "further test set"
+        rows.append({"stage": kind, "seconds": sec})
+    df = pd.DataFrame(rows, columns=["stage", "seconds"])
+    g = df.groupby("stage", sort=False).seconds.agg(["count", "sum"]).reset_index()
+    g = g.rename(columns={"count": "runs", "sum": "seconds"})
+    return pd.concat([g, pd.DataFrame([{"stage": "total", "runs": int(g.runs.sum()), "seconds": g.seconds.sum()}])])
+
+
+def _protocol(results: dict) -> list[str]:
+    cfg, sp = results["config"], results["split"]
+    scale = cfg["scales"][results["scale"]]
+    det, nat, g = scale["detector"], scale.get("native"), cfg["groups"]
+    src, leak = sp.get("source", {}), sp.get("leak", {})
+    lines = [
+        f"- Dataset `{cfg['dataset']}`. Test set: the given `{cfg['test_split']}` split "
+        f"({sp['counts'].get('test', 0)} real images, {sp['groups']['test']} groups), never seen by the "
+        "generator, the judge or any detector.",
+        f"- Groups (file names, case-insensitive): source tile `{g['tile']}`, source frame `{g['frame']}`; "
+        "splits and draws keep whole frames together (whole tiles where a name carries no frame)."]
+    if src:
+        lines.append(
+            f"- Given `{cfg['train_split']}`: {src['train']['images']} images, {src['train']['tiles']} source tiles, "
+            f"{src['train']['frames']} frames; `{cfg['test_split']}`: {src['test']['images']} images, "
+            f"{src['test']['tiles']} tiles, {src['test']['frames']} frames. {leak['frames_shared']} frames give both "
+            f"train and test tiles: their {leak['train_images_dropped']} train images ({leak['train_tiles_dropped']} "
+            f"source tiles) are left out of training; {leak['tiles_shared']} train images share a source tile "
+            "with a test image.")
+    lines += [
+        f"- The rest of `{cfg['train_split']}` is divided by group into train ({sp['counts'].get('train', 0)} images / "
+        f"{sp['groups']['train']} groups) and validation for early stopping ({sp['counts'].get('val', 0)} / "
+        f"{sp['groups']['val']}).",
+        f"- Real fractions {scale['fractions']} drawn by group, stratified by rarest taxon, seeds {scale['seeds']}"
+        " (nested across fractions for one seed). Generators see only their cell's real training images.",
+        f"- Detector `{det['model']}`, {det['epochs']} epochs, imgsz {det['imgsz']}, batch {det['batch']}, the "
+        "same augmentation and schedule for every arm except where an arm's row says otherwise; synthetic share "
+        f"of each batch {scale['synthetic_ratio']}; "
+        + ("an epoch holds as many images as real-only training's (equal optimizer steps)."
+           if det.get("synthetic_epoch") == "match_real" else
+           "an epoch shows every real image once, so mixed arms take more optimizer steps than arm 1.")
+        + " Each row's optimizer steps are in the results table.",
+        (f"- Native scale: detectors train on {nat['window']} px windows cut from the tiles at full resolution "
+         f"(a box cut by a window edge is kept if {nat['min_visible']:.0%} of it is inside) and predict on whole "
+         f"test tiles by sliced inference ({nat['window']} px slices, overlap {nat['slice_overlap']})."
+         if nat else f"- Whole tiles resized to imgsz {det['imgsz']} for training and test."),
+        f"- Metrics on the test set: COCO-style mAP50 / mAP50-95 (own evaluator), P/R/F1 at IoU 0.4 and "
+        f"count error per image at score >= {scale['operating_conf']}. Intervals: 95 % percentile bootstrap "
+        f"({scale.get('bootstrap', 1000)} replicates) over test images (one draw shared by every model) and "
+        "paired seeds together; an arm helps only when its interval excludes zero.",
+        _filter_line(scale.get("filter")),
+        "- Composed tiles are the cell's real training tiles, keeping their own labelled real animals, with "
+        "instances pasted in: arm 4 (synthgen only) therefore still sees the cell's real instances, inside "
+        "altered tiles. Arm 5 pre-trains on those tiles (arm 4), then fine-tunes on the real tiles; its control "
+        "trains real-only for as many optimizer steps in total.",
+        f"- Nothing was tuned on `{cfg['test_split']}`; the learning curve that sets the schedule is measured on "
+        "the validation part."]
+    return lines
+
+
+def _interval_table(iv: pd.DataFrame) -> str:
+    t = iv.assign(**{c: iv[c] * 100 for c in ("mean", "lo", "hi", "half_width")})
+    t = t.assign(helps=np.where(t.lo > 0, "yes", np.where(t.hi < 0, "hurts", "not shown")))
+    return _md_table(t[["arm", "fraction", "mean", "lo", "hi", "half_width", "n_seeds", "helps"]].round(2))
+
+
 def write_report(results: dict, out: str | Path) -> Path:
     """Write results.json, report.md (+ PNGs beside it) and a self-contained report.html."""
     out = Path(out)
@@ -229,51 +311,32 @@ def write_report(results: dict, out: str | Path) -> Path:
     runs = pd.DataFrame(results["runs"])
     cfg = results["config"]
     names = results["split"]["names"]
+    ivs = pd.DataFrame(results.get("intervals", []),
+                       columns=["test", "arm", "fraction", "mean", "lo", "hi", "half_width", "n_seeds"])
     if len(runs):
         agg = aggregate(runs)
+        agg = agg.merge(runs.groupby(["arm", "fraction"]).optimizer_steps.mean().rename("steps").reset_index())
         diffs = pd.concat([paired_differences(runs, m).assign(metric=m) for m in ("map50", "map50_95")])
         taxa = per_taxon(runs)
     else:
-        agg, diffs, taxa = pd.DataFrame(), pd.DataFrame(columns=["arm", "fraction", "mean_diff"]), pd.DataFrame()
-    v = verdict(results, runs, diffs[diffs.metric == "map50"] if len(diffs) else diffs)
+        agg, diffs, taxa = pd.DataFrame(), pd.DataFrame(), pd.DataFrame()
+    v = verdict(results, runs, ivs)
     imgs = plots(agg, taxa, results.get("example_tiles", []), names, results.get("example_instances")) if len(agg) else {}
     for k, b in imgs.items():
         with atomic_write(out / k, "wb") as f:
             f.write(b)
 
-    sp = results["split"]
-    scale = cfg["scales"][results["scale"]]
-    det = scale["detector"]
-    md = [f"# Benchmark `{results['name']}` (scale `{results['scale']}`)", "", *v, "",
-          "## Protocol",
-          f"- Dataset `{cfg['dataset']}`. Test set: the given `{cfg['test_split']}` split "
-          f"({sp['counts'].get('test', 0)} real images, {sp['groups']['test']} groups), never seen by the "
-          "generator, the judge or any detector.",
-          f"- `{cfg['train_split']}` divided by group (pattern `{cfg['group_pattern']}`) into train "
-          f"({sp['counts'].get('train', 0)} images / {sp['groups']['train']} groups) and validation for early "
-          f"stopping ({sp['counts'].get('val', 0)} / {sp['groups']['val']}); "
-          f"{sp['leaked_groups_dropped']} train images whose group is in the test split were dropped.",
-          f"- Real fractions {scale['fractions']} drawn by group, stratified by rarest taxon, seeds {scale['seeds']}"
-          " (nested across fractions for one seed). Generators see only their cell's real training images.",
-          f"- Detector `{det['model']}`, {det['epochs']} epochs, imgsz {det['imgsz']}, batch {det['batch']}, the "
-          f"same for every arm; synthetic share of each batch {scale['synthetic_ratio']} (arms 2, 3); "
-          + ("an epoch holds as many images as real-only training's (equal optimizer steps in every arm)."
-             if det.get("synthetic_epoch") == "match_real" else
-             "an epoch shows every real image once, so arms 2 and 3 take more optimizer steps than arm 1."),
-          f"- Metrics on the test set: COCO-style mAP50 / mAP50-95 (own evaluator), P/R/F1 at IoU 0.4 and "
-          f"count error per image at score >= {scale['operating_conf']}.",
-          _filter_line(scale.get("filter")),
-          "- Composed tiles are the cell's real training tiles, keeping their own labelled real animals, with "
-          "instances pasted in: arm 4 (synthgen only) therefore still sees the cell's real instances, inside "
-          "altered tiles. Arm 5 pre-trains on those tiles with arm 4's schedule, then fine-tunes on the real "
-          "tiles with arm 1's: twice arm 1's optimizer steps.",
-          f"- The hidden test splits of the dataset are the final judge; nothing was tuned on `{cfg['test_split']}`.",
-          ""]
+    md = [f"# Benchmark `{results['name']}` (scale `{results['scale']}`)", "", *v, "", "## Protocol",
+          *_protocol(results), "",
+          "## Arms", *[f"- {ARMS[a]}" for a in cfg["arms"] if cfg["arms"][a] is not None and a in ARMS], ""]
     if results.get("skipped_arms"):
         md += ["## Arms not run", *[f"- {ARMS.get(a, a)}: {why}" for a, why in results["skipped_arms"].items()], ""]
     if len(agg):
+        test_iv = ivs[ivs.test == "test"]
         md += ["## Results (mean and sd over seeds)", _md_table(agg.round(4)), "",
-               "## Paired differences against real-only (same fraction and seed)",
+               "## mAP50 difference against real-only, points (95 % interval: test images x paired seeds)",
+               _interval_table(test_iv) if len(test_iv) else "(only the real-only arm was run)", "",
+               "## Paired differences over seeds alone (same fraction and seed)",
                _md_table(diffs[["metric", "arm", "fraction", "mean_diff", "std_diff", "n_pairs", "wins"]]
                          .round(4)) if len(diffs) else "(only the real-only arm was run)", ""]
         t = taxa.pivot_table(index=["taxon", "fraction"], columns="arm", values="ap50").reset_index().round(4)
@@ -281,6 +344,20 @@ def write_report(results: dict, out: str | Path) -> Path:
         md += ["## Per-taxon AP50 (mean over seeds)", _md_table(t[~t.taxon.isin(rare)]), ""]
         if rare:
             md += ["### Rare taxa (reported apart)", _md_table(t[t.taxon.isin(rare)]), ""]
+    for name, ft in results.get("further_tests", {}).items():
+        info, fr = ft["info"], pd.DataFrame(ft["runs"])
+        md += [f"## Further test set `{name}`",
+               f"- `{info['path']}`: {info['images']} images, {info['boxes']} boxes; {info['share_tile']} images share "
+               f"a source tile and {info['share_frame']} a source frame with the run's training images "
+               "(train and validation).", ""]
+        if len(fr):
+            md += [_md_table(aggregate(fr).round(4)), ""]
+            fiv = ivs[ivs.test == name]
+            if len(fiv):
+                md += ["mAP50 difference against real-only, points:", _interval_table(fiv), ""]
+    if results.get("stage_seconds"):
+        md += ["## Stage wall times (this run's stages; cached ones with the time they took when they ran)",
+               _md_table(stage_times(results["stage_seconds"]).round(1)), ""]
     md += [f"![{k}]({k})" for k in imgs] + ["", f"Stages run {results['stages']['ran']}, cached "
                                                f"{results['stages']['cached']}."]
     text = "\n".join(md) + "\n"

@@ -18,14 +18,28 @@ import pandas as pd
 
 
 def group_ids(image_paths: Sequence[str], pattern: str | None) -> list[str]:
-    """Group id per image: the regex's first group on the file name, else the file stem."""
-    rx = re.compile(pattern) if pattern else None
+    """Id per image: the regex's first group on the file name (case-insensitive: Roboflow writes
+    both `_jpg.rf.` and `_JPG.rf.`), else the file stem."""
+    rx = re.compile(pattern, re.IGNORECASE) if pattern else None
     out = []
     for p in image_paths:
-        name = Path(p).name
-        m = rx.search(name) if rx else None
+        m = rx.search(Path(p).name) if rx else None
         out.append(m.group(1) if m else Path(p).stem)
     return out
+
+
+def tile_and_frame_ids(image_paths: Sequence[str], tile: str | None, frame: str | None) -> tuple[list[str], list[str]]:
+    """(source tile id, source frame id) per image; an image whose name carries no frame is its own
+    frame (its tile id), so grouping by frame never merges unrelated images."""
+    tiles = group_ids(image_paths, tile)
+    if not frame:
+        return tiles, tiles
+    rx = re.compile(frame, re.IGNORECASE)
+    frames = []
+    for p, t in zip(image_paths, tiles, strict=True):
+        m = rx.search(Path(p).name)
+        frames.append(f"frame:{m.group(1)}" if m else t)
+    return tiles, frames
 
 
 def _strata(images: pd.DataFrame, boxes: pd.DataFrame) -> pd.Series:

@@ -3,59 +3,59 @@
 Each adapter turns one cell's real training subset into a folder holding `train_synthetic.txt`
 (composed tiles with YOLO labels beside them), via the library functions of chips (detection),
 generator training (synthgen.train), generation (synthgen.pipelines), filtering (synthgen.filter,
-with a judge trained on the cell's own real chips) and composition (synthgen.compose). If one of those is not importable the stage raises
-`StageUnavailable` with the reason; the pipeline records the arm as not run and the report says
-so, instead of silently reporting fewer arms.
+with a judge trained on the cell's own real chips) and composition (synthgen.compose), imported
+plainly. A stage that cannot give its arm an input raises `StageUnavailable` with the reason; the
+pipeline records the arm as not run and the report says so, instead of silently reporting fewer arms.
 """
 
 from __future__ import annotations
 
-import importlib
+import inspect
 from pathlib import Path
 from typing import Any
 
+from detection import read_dataset
+from detection.chips import ChipConfig, make_background_chips, make_chips
+from synthgen import filter as filt
+from synthgen import scoring
+from synthgen.compose.config import ComposeConfig
+from synthgen.compose.pipeline import augment_dataset
 from synthgen.errors import SynthgenError
+from synthgen.pipelines.generate import GenerateConfig
+from synthgen.pipelines.generate import generate as generate_pool
+from synthgen.train.config import TrainConfig
+from synthgen.train.trainer import train as train_model
 
 
 class StageUnavailable(SynthgenError):
-    """A pipeline stage cannot give its arm an input: its library function is not available in this
-    installation, or the filter kept none of the generated instances."""
+    """A pipeline stage cannot give its arm an input (the filter kept nothing; augment-dataset does
+    not take an in-context generator yet)."""
 
 
-def _fn(module: str, name: str):
-    try:
-        return getattr(importlib.import_module(module), name)
-    except (ImportError, AttributeError) as e:
-        raise StageUnavailable(f"{module}.{name} is not available ({e})") from e
-
-
-def chips(dataset: str, train_images: list[str], out: Path, taxonomy: str | None, **kw: Any) -> Path:
+def chips(dataset: str, train_images: list[str], out: Path, taxonomy: str | None, progress: bool = False,
+          **kw: Any) -> Path:
     """Real instance chips from the cell's training images only (the generator never sees others)."""
-    from detection import read_dataset
-
-    make_chips = _fn("detection.chips", "make_chips")
-    cfg = _fn("detection.chips", "ChipConfig")(**kw)
     ds = read_dataset(dataset).subset(images=train_images)
-    make_chips(ds, out, cfg=cfg, taxonomy=taxonomy, split=None, progress=False)
+    make_chips(ds, out, cfg=ChipConfig(**kw), taxonomy=taxonomy, split=None, progress=progress)
     return out
 
 
 def generator_config(seed: int, **kw: Any):
     """The resolved TrainConfig of a cell's generator: its hash keys the stage, so a changed default
     (e.g. the prediction type) retrains instead of reusing a stale generator."""
-    return _fn("synthgen.train.config", "TrainConfig")(**({"seed": seed} | kw))
+    return TrainConfig(**({"seed": seed} | kw))
 
 
-def train_generator(chips_dir: Path, out: Path, seed: int, **kw: Any) -> Path:
+def train_generator(chips_dir: Path, out: Path, seed: int, progress: bool = False, **kw: Any) -> Path:
     """The diffusion generator, trained on this cell's chips only (synthgen.train)."""
-    _fn("synthgen.train.trainer", "train")(generator_config(seed, **kw), out, chips=chips_dir, progress=False)
+    train_model(generator_config(seed, **kw), out, chips=chips_dir, progress=progress)
     return out
 
 
-def generate(model_dir: Path, out: Path, seed: int, n: int = 200, query: str = "Animalia", **kw: Any) -> Path:
+def generate(model_dir: Path, out: Path, seed: int, n: int = 200, query: str = "Animalia", progress: bool = False,
+             **kw: Any) -> Path:
     """`n` instances of every trained taxon under `query`, weighted by training counts."""
-    cfg = _fn("synthgen.pipelines.generate", "GenerateConfig")(**({"seed": seed} | kw))
-    _fn("synthgen.pipelines.generate", "generate")(model_dir, query, n, out, cfg, progress=False)
+    generate_pool(model_dir, query, n, out, GenerateConfig(**({"seed": seed} | kw)), progress=progress)
     return out
 
 
@@ -84,20 +84,16 @@ def _background_chips(dataset: str, train_images: list[str], chips_dir: Path, ou
     images only, held out by the same source-image hash as the animal reference."""
     import json
 
-    from detection import read_dataset
-
-    chip_cfg = _fn("detection.chips", "ChipConfig")
     settings = json.loads((chips_dir / "chips.json").read_text(encoding="utf-8"))
-    cfg = chip_cfg(**({k: v for k, v in settings.items() if k in chip_cfg.model_fields} | {"seed": seed}))
+    cfg = ChipConfig(**({k: v for k, v in settings.items() if k in ChipConfig.model_fields} | {"seed": seed}))
     ds = read_dataset(dataset).subset(images=train_images)
-    _fn("detection.chips", "make_background_chips")(ds, out / "background_chips", None, cfg, split=None,
-                                                    progress=False)
+    make_background_chips(ds, out / "background_chips", None, cfg, split=None, progress=False)
     return _reference_chips(out / "background_chips", out / "background", val_fraction)
 
 
 def _judge_config(seed: int, judge: dict | None) -> Any:
     """The cell's JudgeConfig: the cell's seed unless the config names one."""
-    return importlib.import_module("synthgen.scoring").JudgeConfig(**({"seed": seed} | (judge or {})))
+    return scoring.JudgeConfig(**({"seed": seed} | (judge or {})))
 
 
 def filter_config(seed: int, scorer: str = "judge", judge: dict | None = None, val_fraction: float = 0.2,
@@ -106,7 +102,7 @@ def filter_config(seed: int, scorer: str = "judge", judge: dict | None = None, v
     the stage, so a changed default (e.g. the near-copy bar) refilters instead of reusing stale picks."""
     return {"scorer": scorer, "judge": _judge_config(seed, judge).model_dump(mode="json"), "val_fraction": val_fraction,
             "background": background,
-            "filter": importlib.import_module("synthgen.filter").FilterConfig(**kw).model_dump(mode="json")}
+            "filter": filt.FilterConfig(**kw).model_dump(mode="json")}
 
 
 def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: str = "judge",
@@ -117,8 +113,6 @@ def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: 
     when the cell has one taxon, where taxon heads alone pass anything), the judge also learns animal
     vs background (score `p_animal`) from background chips of the cell's `train_images` of `dataset`.
     Returns the kept pool; an empty one makes the arm unavailable."""
-    scoring = importlib.import_module("synthgen.scoring")
-    filt = importlib.import_module("synthgen.filter")
     ref = _reference_chips(chips_dir, out / "reference", val_fraction)
     if scorer == "judge":
         bg = None
@@ -139,16 +133,36 @@ def filter_generated(pool: Path, chips_dir: Path, out: Path, seed: int, scorer: 
     return out / "kept"
 
 
-def compose(dataset: str, pool: Path, train_list: Path, out: Path, n_images: int, seed: int, **kw: Any) -> Path:
-    """Paste pool instances into the cell's real training tiles; returns the synthetic image list."""
-    augment = _fn("synthgen.compose.pipeline", "augment_dataset")
-    cfg = kw.pop("config", None)  # a compose YAML (configs/compose/NAME.yaml); other keys override fields
+def _compose_config(kw: dict[str, Any]) -> ComposeConfig | str | None:
+    """A compose YAML (`config: FILE`) as the base, other keys overriding its fields."""
+    kw = dict(kw)
+    cfg = kw.pop("config", None)
     if kw:
-        cc = _fn("synthgen.compose.config", "ComposeConfig")
-        base = cc.from_yaml(cfg) if cfg else cc()
-        cfg = cc(**(base.model_dump() | kw))
-    augment(dataset, pool, out, config=cfg, image_list=train_list, n_images=n_images, seed=seed)
+        base = ComposeConfig.from_yaml(cfg) if cfg else ComposeConfig()
+        cfg = ComposeConfig(**(base.model_dump() | kw))
+    return cfg
+
+
+def _synthetic_list(out: Path) -> Path:
     lst = out / "train_synthetic.txt"
     if not lst.is_file():
         raise SynthgenError(f"{out}: augment-dataset wrote no train_synthetic.txt")
     return lst
+
+
+def compose(dataset: str, pool: Path, train_list: Path, out: Path, n_images: int, seed: int, **kw: Any) -> Path:
+    """Paste pool instances into the cell's real training tiles; returns the synthetic image list."""
+    augment_dataset(dataset, pool, out, config=_compose_config(kw), image_list=train_list, n_images=n_images,
+                    seed=seed)
+    return _synthetic_list(out)
+
+
+def paint(dataset: str, model: str, train_list: Path, out: Path, n_images: int, seed: int, **kw: Any) -> Path:
+    """Real tiles with animals painted in by an in-context generator: the same augment-dataset call
+    as `compose`, given `generator=model` (config key `arms.incontext.model`) and no instance pool."""
+    if "generator" not in inspect.signature(augment_dataset).parameters:
+        raise StageUnavailable(f"synthgen.compose.pipeline.augment_dataset does not take an in-context generator "
+                               f"yet (arms.incontext.model = {model})")
+    augment_dataset(dataset, [], out, config=_compose_config(kw), image_list=train_list, n_images=n_images,
+                    seed=seed, generator=model)
+    return _synthetic_list(out)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,11 +28,19 @@ import torch  # noqa: E402
 
 from synthgen.device import autocast, resolve_device  # noqa: E402
 from synthgen.errors import SynthgenError  # noqa: E402
-from synthgen.io_utils import JsonlAppender, atomic_write, read_jsonl, write_json  # noqa: E402
+from synthgen.io_utils import (  # noqa: E402
+    JsonlAppender,
+    atomic_save_image,
+    atomic_write,
+    read_jsonl,
+    refuse_inside_inputs,
+    write_json,
+)
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
 RASTER_SUFFIXES = {".tif", ".tiff", ".vrt", ".jp2"}
 PRED_COLUMNS = ["image_path", "xmin", "ymin", "xmax", "ymax", "label", "score"]
+PREVIEW_SIDE = 1600  # px, longer side of the annotated previews (survey rasters can be 50k px)
 
 
 class InferenceError(SynthgenError):
@@ -48,9 +57,13 @@ class LoadedDetector:
     end2end: bool
 
 
-def load_model(path: str | Path, device: torch.device) -> LoadedDetector:
-    """Load a detector from an ultralytics .pt or from our .safetensors export (no unpickling)."""
-    from detection.train import make_ultralytics_offline
+_ACTIVATION = re.compile(r"(torch\.)?nn\.\w+\([\w\s.,=+-]*\)")  # what ultralytics evals: nn.SiLU(), nn.LeakyReLU(0.1)
+
+
+def load_model(path: str | Path, device: torch.device, trust: bool = False) -> LoadedDetector:
+    """Load a detector from an ultralytics .pt (unpickled without running code unless `trust`, see
+    `detection.train.load_torch_checkpoint`) or from our .safetensors export (no unpickling)."""
+    from detection.train import make_ultralytics_offline, trusted_checkpoints
 
     make_ultralytics_offline()
     path = Path(path)
@@ -69,16 +82,23 @@ def load_model(path: str | Path, device: torch.device) -> LoadedDetector:
         if "yaml" not in meta:
             raise InferenceError(f"{path}: no model yaml in the safetensors metadata (not a synthgen export)")
         names = {int(k): v for k, v in json.loads(meta["names"]).items()}
-        model = DetectionModel(json.loads(meta["yaml"]), nc=len(names), verbose=False)
+        yml = json.loads(meta["yaml"])
+        if not _ACTIVATION.fullmatch(str(yml.get("activation", "nn.SiLU()")).strip()):  # ultralytics eval()s it
+            raise InferenceError(f"{path}: model yaml activation {yml['activation']!r} is not a torch.nn layer")
+        model = DetectionModel(yml, nc=len(names), verbose=False)
         model.load_state_dict(load_file(str(path)))
         model.names = names
     else:
         from ultralytics.nn.tasks import load_checkpoint
 
         try:
-            model, _ = load_checkpoint(str(path), device="cpu")
-        except Exception as e:  # a corrupt or foreign file: say which
-            raise InferenceError(f"{path}: cannot load as an ultralytics checkpoint ({e})") from e
+            with trusted_checkpoints(*([path] if trust else [])):
+                model, _ = load_checkpoint(str(path), device="cpu")
+        except SynthgenError:
+            raise
+        except Exception as e:  # a corrupt or foreign file: say which, in one line
+            why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise InferenceError(f"{path}: cannot load as an ultralytics checkpoint ({why})") from e
         names = {int(k): v for k, v in dict(model.names).items()}
     model = model.float().eval().to(device)
     return LoadedDetector(model, names, int(max(model.stride.max().item(), 32)), bool(getattr(model, "end2end", False)))
@@ -340,19 +360,50 @@ def write_coco(df: pd.DataFrame, frames: list[Frame], names: dict[int, str], pat
     write_json(path, coco)
 
 
+def draw_preview(df: pd.DataFrame, frame: Frame, path: Path, max_side: int = PREVIEW_SIDE) -> Path:
+    """The frame (downscaled to `max_side`) with its detections drawn: label and score over each box."""
+    from PIL import Image, ImageDraw
+
+    s = min(1.0, max_side / max(frame.width, frame.height))
+    w, h = max(1, round(frame.width * s)), max(1, round(frame.height * s))
+    if frame.path.suffix.lower() in RASTER_SUFFIXES:
+        import rasterio
+        from rasterio.enums import Resampling
+
+        with rasterio.open(frame.path) as src:
+            arr = src.read(list(range(1, min(src.count, 3) + 1)), out_shape=(min(src.count, 3), h, w),
+                           resampling=Resampling.average)
+        arr = np.moveaxis(arr, 0, -1)
+        arr = np.repeat(arr, 3, axis=-1) if arr.shape[-1] == 1 else arr
+        if arr.dtype != np.uint8:
+            arr = np.clip(arr / (np.percentile(arr, 99.5) or 1.0) * 255, 0, 255).astype(np.uint8)
+        img = Image.fromarray(arr)
+    else:
+        img = Image.fromarray(frame._image()).resize((w, h), Image.BILINEAR)
+    draw = ImageDraw.Draw(img)
+    for r in df.itertuples():
+        x0, y0, x1, y1 = (v * s for v in (r.xmin, r.ymin, r.xmax, r.ymax))
+        draw.rectangle((x0, y0, x1, y1), outline=(255, 40, 40), width=2)
+        draw.text((x0 + 2, max(y0 - 11, 0)), f"{r.label} {r.score:.2f}", fill=(255, 255, 0))
+    atomic_save_image(img, path, quality=90)
+    return path
+
+
 def detect(
     model: str | Path, source: str | Path, out_dir: str | Path, cfg: SliceConfig | None = None,
-    device: str = "auto", progress: bool = True,
+    device: str = "auto", progress: bool = True, trust_checkpoint: bool = False,
 ) -> dict:
-    """Run sliced inference on a file or folder; writes predictions.csv, predictions.coco.json and,
-    for georeferenced rasters, `<stem>.gpkg`. Returns a summary dict with the output paths."""
+    """Run sliced inference on a file or folder; writes predictions.csv, predictions.coco.json,
+    an annotated preview per image under `previews/` and, for georeferenced rasters, `<stem>.gpkg`
+    (`no_crs` lists rasters without a CRS, which get none). Returns a summary dict with the outputs."""
     from tqdm.auto import tqdm
 
+    refuse_inside_inputs(out_dir, [source, model], "detect output folder")
     cfg = cfg or SliceConfig()
     if not 0 <= cfg.overlap < 1:
         raise InferenceError(f"overlap must be in [0, 1), got {cfg.overlap}")
     dev = resolve_device(device)
-    det = load_model(model, dev)
+    det = load_model(model, dev, trust=trust_checkpoint)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     frames = [open_frame(p) for p in list_sources(source)]
@@ -373,11 +424,17 @@ def detect(
     with atomic_write(out_dir / "predictions.csv") as fh:
         df.to_csv(fh, index=False)
     write_coco(df, frames, det.names, out_dir / "predictions.coco.json")
-    gpkgs = []
+    gpkgs, no_crs, previews = [], [], []
     for f in frames:
+        mine = df[df.image_path == str(f.path.resolve())]
         if f.crs and f.transform:
             g = out_dir / f"{f.path.stem}.gpkg"
-            _write_gpkg(df[df.image_path == str(f.path.resolve())], f, g)
+            _write_gpkg(mine, f, g)
             gpkgs.append(str(g))
+        elif f.path.suffix.lower() in RASTER_SUFFIXES:
+            no_crs.append(str(f.path))
+        stem = f.path.stem if f.path.stem not in {Path(q).stem for q in previews} else f"{f.path.stem}_{len(previews)}"
+        previews.append(str(draw_preview(mine, f, out_dir / "previews" / f"{stem}.jpg")))
     return {"images": len(frames), "detections": len(df), "csv": str(out_dir / "predictions.csv"),
-            "coco": str(out_dir / "predictions.coco.json"), "gpkg": gpkgs, "out": str(out_dir)}
+            "coco": str(out_dir / "predictions.coco.json"), "gpkg": gpkgs, "no_crs": no_crs,
+            "previews": previews, "out": str(out_dir)}

@@ -14,9 +14,12 @@ survives ultralytics' DDP re-launch, which rebuilds the trainer from its argumen
 
 from __future__ import annotations
 
+import contextlib
+import importlib
 import math
 import os
-from collections.abc import Sequence
+import pickle
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -31,11 +34,94 @@ from pydantic import ConfigDict, Field, field_validator  # noqa: E402
 from detection.backbones import register_backbones  # noqa: E402
 from synthgen.config import YamlConfig  # noqa: E402
 from synthgen.errors import ConfigError, SynthgenError  # noqa: E402
-from synthgen.io_utils import atomic_write, write_json  # noqa: E402
+from synthgen.io_utils import atomic_write, dataset_inputs, refuse_inside_inputs, write_json  # noqa: E402
 
 
 class DetectorTrainError(SynthgenError):
     """Training inputs (model, data.yaml, image lists) are missing or inconsistent."""
+
+
+class CheckpointRefused(SynthgenError):
+    """A .pt file needs more than torch/ultralytics layers to unpickle, so loading it could run code."""
+
+
+# ---------------------------------------------------------------------------------------------
+# checkpoints without code execution
+_TRUSTED: set[str] = set()
+_LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.")
+TRUST_HINT = "pass --trust-checkpoint only if you trust where this file came from"
+
+
+@contextlib.contextmanager
+def trusted_checkpoints(*paths: str | Path) -> Iterator[None]:
+    """Within the block, these files load with full unpickling (the user's explicit opt-in)."""
+    keys = {os.path.realpath(p) for p in paths} - _TRUSTED
+    _TRUSTED.update(keys)
+    try:
+        yield
+    finally:
+        _TRUSTED.difference_update(keys)
+
+
+def _layer_class(name: str) -> type | None:
+    """The torch/ultralytics nn.Module class a checkpoint names, or None for anything else."""
+    module, _, attr = name.rpartition(".")
+    if not (module + ".").startswith(_LAYER_MODULES):
+        return None
+    try:
+        obj = getattr(importlib.import_module(module), attr, None)
+    except ImportError:
+        return None
+    return obj if isinstance(obj, type) and issubclass(obj, torch.nn.Module) else None
+
+
+def _no_constructor_calls(*classes: type) -> contextlib.ExitStack:
+    """While loading, calling a layer class (pickle REDUCE) fails: torch.save'd layers are rebuilt
+    without their constructor, and constructors can run code (a DetectionModel evals its yaml's
+    `activation`). Restored on exit."""
+    stack = contextlib.ExitStack()
+
+    def refuse(self, *a, **k):
+        raise pickle.UnpicklingError(f"the file calls the {type(self).__name__} constructor while loading")
+
+    for cls in classes:
+        own = cls.__dict__.get("__init__")
+        cls.__init__ = refuse
+        stack.callback(lambda c=cls, o=own: setattr(c, "__init__", o) if o is not None else delattr(c, "__init__"))
+    return stack
+
+
+def load_torch_checkpoint(path: str | Path) -> dict:
+    """`torch.load(weights_only=True)` with the torch/ultralytics layer classes the file names
+    allow-listed; a file needing any other global (a crafted pickle runs code through one) is refused
+    in one line naming the opt-in. Files passed to `trusted_checkpoints` load with full unpickling."""
+    path = Path(path)
+    if os.path.realpath(path) in _TRUSTED:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        needed = torch.serialization.get_unsafe_globals_in_checkpoint(str(path))
+    except (ValueError, RuntimeError, pickle.UnpicklingError, OSError) as e:
+        raise CheckpointRefused(f"{path}: not a torch.save checkpoint archive ({type(e).__name__}); "
+                                f"{TRUST_HINT}") from None
+    layers = {name: _layer_class(name) for name in needed}
+    other = sorted(name for name, cls in layers.items() if cls is None)
+    if other:
+        raise CheckpointRefused(f"{path}: refused to unpickle, it needs {', '.join(other[:4])}"
+                                f"{' ...' if len(other) > 4 else ''}, not only torch/ultralytics layers "
+                                f"(loading could run code); {TRUST_HINT}")
+    try:
+        classes = list(set(layers.values()))
+        with torch.serialization.safe_globals(classes), _no_constructor_calls(*classes):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        why = next((ln for ln in str(e).splitlines() if "constructor" in ln or "Unsupported" in ln), "")
+        raise CheckpointRefused(f"{path}: refused to unpickle ({why.strip() or type(e).__name__}); "
+                                f"{TRUST_HINT}") from None
+
+
+def _safe_torch_load(weight: Any, *args: Any, **kwargs: Any) -> tuple[dict, str]:
+    """Stands in for ultralytics' `torch_safe_load` (which unpickles everything): same return value."""
+    return load_torch_checkpoint(weight), str(weight)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -58,6 +144,8 @@ def make_ultralytics_offline() -> None:
     - label caches: ultralytics writes `labels.cache` beside the user's labels; we never modify an
       input dataset, so the cache is not saved (labels are re-scanned, which is cheap);
     - events/hub sync are off because YOLO_OFFLINE is set before ultralytics is imported;
+    - checkpoints: every .pt ultralytics loads (weights to train from, resume, export) goes through
+      `load_torch_checkpoint`, so no pickle runs code unless the user trusts the file;
     - PIL.Image.open: ultralytics replaces it process-wide with a wrapper that pip-installs
       pi-heif on any unreadable image, so a corrupt user image anywhere in the process would
       become an install attempt instead of our clear error; the original is put back.
@@ -68,6 +156,7 @@ def make_ultralytics_offline() -> None:
     import ultralytics.data.dataset as u_dataset
     import ultralytics.data.utils as u_data_utils
     import ultralytics.engine.trainer as u_trainer
+    import ultralytics.nn.tasks as u_tasks
     import ultralytics.utils.checks as u_checks
     import ultralytics.utils.plotting as u_plotting
 
@@ -85,6 +174,7 @@ def make_ultralytics_offline() -> None:
     u_plotting.check_font = _font
     u_trainer.check_amp = _amp
     u_dataset.save_dataset_cache_file = _no_cache
+    u_tasks.torch_safe_load = _safe_torch_load
     restore_pil_open()
     register_backbones()  # model yamls may name the pretrained backbones (detection/backbones.py)
     _PATCHED = True
@@ -338,12 +428,17 @@ def _prepare_data(cfg: DetectorTrainConfig, out_dir: Path) -> str:
     return str(out)
 
 
-def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool = True) -> Path:
+def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool = True,
+                   trust_checkpoint: bool = False) -> Path:
     """Train (or resume, or skip if finished) a YOLO detector into `out_dir`; returns best.pt.
 
-    `out_dir/done.json` marks a finished run; `weights/last.pt` without it resumes the run."""
+    `out_dir/done.json` marks a finished run; `weights/last.pt` without it resumes the run. A `.pt`
+    to start from loads without running code unless `trust_checkpoint` (see `load_torch_checkpoint`)."""
     import json
 
+    model_file = Path(cfg.model) if cfg.model.endswith(".pt") else None
+    refuse_inside_inputs(out_dir, [*(dataset_inputs(cfg.data) if cfg.data else []), model_file],
+                         "detector run folder")
     out_dir = Path(out_dir).resolve()
     done, started = out_dir / "done.json", out_dir / "config.json"
     best = out_dir / "weights" / "best.pt"
@@ -389,8 +484,9 @@ def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool 
     if not verbose:
         LOGGER.setLevel(40)
     try:
-        trainer = trainer_cls(overrides=args)
-        trainer.train()
+        with trusted_checkpoints(*([model_file] if trust_checkpoint and model_file else [])):
+            trainer = trainer_cls(overrides=args)
+            trainer.train()
     finally:
         LOGGER.setLevel(level)
     if not best.is_file():

@@ -103,3 +103,47 @@ class JsonlAppender:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def refuse_inside_inputs(out: str | os.PathLike, inputs: Any, what: str = "output") -> None:
+    """Refuse an output that is, or lies inside, one of `inputs` (files or folders; None entries are
+    ignored). Links are followed, so a dataset reached through a symlink is still protected. The one
+    check every writing command shares: input files and folders are never written into."""
+    from synthgen.errors import SynthgenError
+
+    o = Path(os.path.realpath(out))
+    for inp in inputs:
+        if inp is None or str(inp) == "":
+            continue
+        i = Path(os.path.realpath(inp))
+        if o == i or i in o.parents:
+            raise SynthgenError(f"{out}: the {what} lies inside the input {inp}; inputs are never written to, "
+                                "choose a folder outside them")
+
+
+def dataset_inputs(path: str | os.PathLike, images: Any = ()) -> list[Path]:
+    """What a dataset argument reads: the path itself; for a data.yaml (or a folder holding one) the
+    yaml, its folder and `path:` root when a split entry is relative to them, every split entry
+    (folder or image list); and the folders of `images` and of their YOLO label files."""
+    from detection.dataset import label_path, read_data_yaml
+    from synthgen.errors import SynthgenError
+
+    p = Path(path)
+    out = [p]
+    yml = p / "data.yaml" if p.is_dir() else p
+    if yml.suffix.lower() in (".yaml", ".yml") and yml.is_file():
+        try:
+            dy = read_data_yaml(yml)
+        except SynthgenError:
+            dy = None  # the dataset reader reports a broken yaml before anything is written
+        if dy is not None:
+            entries = [e for v in dy.splits.values() for e in v]
+            if any(not Path(e).is_absolute() for e in entries):  # a root that holds data
+                out += [yml.parent, dy.root]
+            out += [yml] + [Path(e) if Path(e).is_absolute() else dy.root / e for e in entries]
+            for split in dy.splits:
+                with contextlib.suppress(SynthgenError):
+                    images = [*images, *dy.image_files(split)]
+    for img in {str(x) for x in images}:
+        out += [Path(img).parent, label_path(Path(img)).parent]
+    return list(dict.fromkeys(out))

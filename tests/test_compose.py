@@ -249,9 +249,12 @@ def test_seals_augment_end_to_end(seals, seal_pool, configs, tmp_path):
         assert a == b
 
 
-def test_output_inside_input_is_refused(seals, seal_pool):
-    with pytest.raises(SynthgenError, match="new folder"):
+def test_output_inside_input_or_pool_is_refused(seals, seal_pool):
+    with pytest.raises(SynthgenError, match="inside the input"):
         augment_dataset(seals, seal_pool, seals / "synthetic")
+    with pytest.raises(SynthgenError, match=f"inside the input {seal_pool}"):  # the old guard only refused ==
+        augment_dataset(seals, seal_pool, seal_pool / "aug")
+    assert not (seal_pool / "aug").exists()
 
 
 # --- GeoTIFF ----------------------------------------------------------------------------------------

@@ -103,7 +103,7 @@ def test_same_predictions_from_pt_and_safetensors(tiny_model, geo, tmp_path):
 
 def test_missing_model_and_source_errors(tiny_model, tmp_path):
     with pytest.raises(SynthgenError, match="not found"):
-        detect(tmp_path / "none.pt", tmp_path, tmp_path / "o", progress=False)
+        detect(tmp_path / "none.pt", tmp_path / "src", tmp_path / "o", progress=False)
     with pytest.raises(SynthgenError, match="does not exist"):
         detect(tiny_model, tmp_path / "missing.jpg", tmp_path / "o", progress=False)
 
@@ -122,3 +122,124 @@ def test_cli_detect_and_train_detector_errors(tiny_model, geo, tmp_path):
                                  "--out", str(tmp_path / "t"), "--device", "cpu"])
     out = " ".join(r.output.split())  # rich wraps long lines
     assert r.exit_code == 1 and "missing.yaml not found" in out and "Traceback" not in out
+
+
+# --- checkpoints must not run code (issue 20, defect 2) -------------------------------------------
+class _RunsShell:
+    """Unpickling this runs `touch MARKER` (what a crafted .pt does to whoever loads it)."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _crafted_pt(tmp_path: Path, payload) -> Path:
+    import torch
+
+    pt = tmp_path / "crafted.pt"
+    torch.save({"model": payload, "train_args": {}}, pt)
+    return pt
+
+
+def _activation_payload(marker: Path):
+    """A checkpoint naming only an ultralytics class, whose constructor evals the yaml's activation."""
+    from ultralytics.nn.tasks import DetectionModel
+
+    class Build:
+        def __reduce__(self):
+            cfg = {"activation": f"__import__('os').system('touch {marker}')", "nc": 1,
+                   "backbone": [[-1, 1, "Conv", [16, 3, 2]]], "head": [[-1, 1, "Detect", ["nc"]]]}
+            return DetectionModel, (cfg,)
+
+    return Build()
+
+
+@pytest.mark.parametrize("payload", ["shell", "constructor"])
+def test_crafted_checkpoint_is_refused_without_running_code(tmp_path, payload):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    marker = tmp_path / "marker"
+    pt = _crafted_pt(tmp_path, _RunsShell(marker) if payload == "shell" else _activation_payload(marker))
+    assert not marker.exists()
+    r = CliRunner().invoke(app, ["detect", "--model", str(pt), "--source", str(tmp_path / "src.jpg"),
+                                 "--out", str(tmp_path / "pred"), "--device", "cpu"])
+    assert not marker.exists(), "loading the checkpoint ran its code"
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    lines = r.output.strip().splitlines()
+    assert len(lines) == 1 and "crafted.pt" in lines[0] and "--trust-checkpoint" in lines[0], r.output
+
+
+def test_trusted_checkpoint_opt_in_unpickles_in_full(tmp_path):
+    from detection.train import load_torch_checkpoint, trusted_checkpoints
+
+    marker = tmp_path / "marker"
+    pt = _crafted_pt(tmp_path, _RunsShell(marker))
+    with trusted_checkpoints(pt):
+        load_torch_checkpoint(pt)
+    assert marker.exists()  # the user's explicit choice: full unpickling
+    marker.unlink()
+    with pytest.raises(SynthgenError, match="trust-checkpoint"):  # the opt-in ends with the block
+        load_torch_checkpoint(pt)
+    assert not marker.exists()
+
+
+def test_safetensors_export_with_a_crafted_activation_is_refused(tiny_model, tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model.with_suffix(".safetensors")
+    with safe_open(str(src), "pt") as f:
+        meta = f.metadata()
+    marker = tmp_path / "marker"
+    yml = json.loads(meta["yaml"]) | {"activation": f"__import__('os').system('touch {marker}')"}
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(src)), str(bad), metadata={**meta, "yaml": json.dumps(yml)})
+    with pytest.raises(SynthgenError, match="activation"):
+        detect(bad, tmp_path / "src", tmp_path / "o", progress=False)
+    assert not marker.exists()
+
+
+# --- outputs: inside the source refused, previews, GeoTIFF without CRS ---------------------------
+def test_detect_out_inside_the_source_folder_is_refused(tiny_model, geo, tmp_path):
+    src = tmp_path / "frames"
+    src.mkdir()
+    (src / "pelican.jpg").symlink_to(geo / "AWPE_Pigeon_Lake_2020_DJI_0005.JPG")
+    with pytest.raises(SynthgenError, match="inside the input"):
+        detect(tiny_model, src, src / "pred", CFG, device="cpu", progress=False)
+    assert sorted(p.name for p in src.iterdir()) == ["pelican.jpg"]
+
+
+def test_detect_writes_an_annotated_preview_and_says_when_a_raster_has_no_crs(tiny_model, geo, tmp_path):
+    from PIL import Image
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    with rasterio.open(geo / "OSBS_029.tif") as src:
+        arr = src.read()
+    plain = tmp_path / "src" / "nocrs.tif"
+    plain.parent.mkdir()
+    with rasterio.open(plain, "w", driver="GTiff", width=arr.shape[2], height=arr.shape[1], count=3,
+                       dtype="uint8") as dst:
+        dst.write(arr[:3])
+    out = tmp_path / "pred"
+    r = CliRunner().invoke(app, ["detect", "--model", str(tiny_model), "--source", str(plain), "--out", str(out),
+                                 "--tile", "256", "--conf", "1e-7", "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert "nocrs.tif: raster without a CRS, so no GeoPackage was written" in text
+    assert not list(out.glob("*.gpkg"))
+    preview = out / "previews" / "nocrs.jpg"
+    df = pd.read_csv(out / "predictions.csv")
+    assert len(df) > 0
+    img = np.asarray(Image.open(preview).convert("RGB")).astype(int)
+    assert img.shape[:2] == (400, 400)
+    red = (img[..., 0] > 200) & (img[..., 1] < 90) & (img[..., 2] < 90)  # box outlines
+    b = df.iloc[0]
+    assert red[int(b.ymin):int(b.ymax) + 2, int(b.xmin):int(b.xmax) + 2].any()

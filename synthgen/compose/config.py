@@ -101,6 +101,8 @@ class ComposeConfig(_Strict):
     background_splits: list[str] = Field(default_factory=lambda: ["train"])
     max_overlap: float = Field(0.05, ge=0.0, le=1.0, description="max IoA of a paste with any other box")
     placement_tries: int = Field(40, ge=1)
+    exclude_edge_bands: bool = Field(True, description="ground views: no pastes on uniform-colour bands along the "
+                                     "frame's edges (a camera's date banner, letterbox bars), which are not habitat")
     keep_existing_labels: bool = True
     synthetic_ratio: float = Field(0.5, ge=0.0, le=1.0, description="hint for the detector trainer")
     seed: int = 0

@@ -13,9 +13,13 @@ import hashlib
 import json
 import math
 import os
+import re
+import signal
+import sys
 import tempfile
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -39,11 +43,20 @@ from synthgen.compose.placement import (
     find_position,
     raster_habitat,
     sample_count,
+    uniform_edge_region,
     vector_habitat,
 )
 from synthgen.compose.scale import DatasetSizes, gsd_from_transform, physical_length_px
 from synthgen.errors import SynthgenError
-from synthgen.io_utils import JsonlAppender, atomic_write, read_jsonl, write_json, write_jsonl
+from synthgen.io_utils import (
+    JsonlAppender,
+    atomic_write,
+    dataset_inputs,
+    read_jsonl,
+    refuse_inside_inputs,
+    write_json,
+    write_jsonl,
+)
 
 RASTER_EXT = {".tif", ".tiff"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -51,16 +64,23 @@ IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 @dataclass
 class AugmentResult:
+    """Counts for the one-line summary. Tiles where nothing could be placed are not written
+    (`n_empty`); `pools` says per pool what it gave and why instances were rejected; `problems`
+    lists the backgrounds skipped with on_error="skip"."""
+
     out: Path
     n_tiles: int
     n_pasted: int
     n_skipped_instances: int
     n_masks_rejected: int
     data_yaml: Path
+    n_empty: int = 0
+    pools: dict[str, dict] = field(default_factory=dict)
+    problems: list[dict] = field(default_factory=list)
 
 
 # --- inputs ---------------------------------------------------------------------------------------
-def _background_dataset(path: Path):
+def _background_dataset(path: Path, on_error: str):
     """A folder of unannotated tiles/GeoTIFFs (or one file) as a dataset table with no boxes."""
     from detection import DetectionDataset
     from detection.dataset import BOX_COLUMNS, IMAGE_COLUMNS, image_size
@@ -68,15 +88,21 @@ def _background_dataset(path: Path):
     files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_EXT)
     if not files:
         raise SynthgenError(f"{path}: no images or GeoTIFFs found")
-    rows = []
+    rows, problems = [], []
     for f in files:
-        w, h = image_size(f)
+        try:
+            w, h = image_size(f)
+        except SynthgenError as e:
+            if on_error == "raise":
+                raise
+            problems.append({"file": str(f), "line": None, "reason": str(e)})
+            continue
         rows.append({"image_path": str(f.resolve()), "width": w, "height": h, "split": "train", "source": "folder"})
     return DetectionDataset(pd.DataFrame(rows, columns=IMAGE_COLUMNS), pd.DataFrame(columns=BOX_COLUMNS), [],
-                            root=str(path))
+                            problems, root=str(path))
 
 
-def load_backgrounds(dataset: str | Path):
+def load_backgrounds(dataset: str | Path, on_error: str = "raise"):
     """A detection dataset (any format detection reads) or a folder/file of bare background tiles."""
     from detection import read_dataset
 
@@ -85,7 +111,7 @@ def load_backgrounds(dataset: str | Path):
         raise SynthgenError(f"{p}: dataset not found")
     bare = p.is_file() and p.suffix.lower() in IMAGE_EXT or (
         p.is_dir() and not (p / "data.yaml").exists() and any(x.suffix.lower() in IMAGE_EXT for x in p.iterdir()))
-    return _background_dataset(p) if bare else read_dataset(p)
+    return _background_dataset(p, on_error) if bare else read_dataset(p, on_error=on_error)
 
 
 def load_pool(pools: list[Path], names: list[str]) -> list[dict]:
@@ -138,9 +164,26 @@ def _body_lengths(cfg: ComposeConfig, items: list[dict]) -> dict[str, float]:
 
 # --- worker side ----------------------------------------------------------------------------------
 _STATE: dict = {}
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def _init_worker(state: dict) -> None:
+def _die_with_parent(parent: int) -> None:
+    """Ask Linux to SIGKILL this worker when its parent dies (prctl PR_SET_PDEATHSIG), so a kill -9
+    of augment-dataset leaves no orphans writing on; a parent already gone means exit now."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _init_worker(state: dict | None, parent: int | None = None) -> None:
+    """Per-process setup: tie a pool worker's life to its parent's, then load the compose state."""
+    if parent is not None:
+        _die_with_parent(parent)
+    if state is None:
+        return
     _STATE.clear()
     _STATE.update(state)
     _STATE["aug"] = build_tile_aug(state["cfg"].tile_aug)
@@ -170,16 +213,20 @@ def _tile_seed(seed: int, image_path: str, copy: int) -> int:
 
 
 def _read_tile(path: str) -> tuple[np.ndarray, dict | None, int]:
-    """RGB tile, the raster profile for GeoTIFFs with a CRS (else None), and the JPEG quality."""
-    if Path(path).suffix.lower() in RASTER_EXT:
-        import rasterio
+    """RGB tile, the raster profile for GeoTIFFs with a CRS (else None), and the JPEG quality; an
+    unreadable file (truncated, corrupt, over PIL's pixel limit) is a SynthgenError naming it."""
+    try:
+        if Path(path).suffix.lower() in RASTER_EXT:
+            import rasterio
 
-        with rasterio.open(path) as src:
-            if src.crs is not None and not src.transform.is_identity:
-                arr = src.read(indexes=[1, 2, 3] if src.count >= 3 else [1, 1, 1])
-                return np.ascontiguousarray(arr.transpose(1, 2, 0).astype(np.uint8)), dict(src.profile), 90
-    img = Image.open(path)
-    return np.array(img.convert("RGB")), None, estimate_jpeg_quality(img)
+            with rasterio.open(path) as src:
+                if src.crs is not None and not src.transform.is_identity:
+                    arr = src.read(indexes=[1, 2, 3] if src.count >= 3 else [1, 1, 1])
+                    return np.ascontiguousarray(arr.transpose(1, 2, 0).astype(np.uint8)), dict(src.profile), 90
+        img = Image.open(path)
+        return np.array(img.convert("RGB")), None, estimate_jpeg_quality(img)
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:  # rasterio's errors are OSErrors
+        raise SynthgenError(f"{path}: cannot read background image ({e})") from None
 
 
 def _alpha_polygon(a: np.ndarray, x: int, y: int) -> list[float]:
@@ -198,8 +245,14 @@ def compose_tile(job: dict) -> dict:
     st = _STATE
     cfg: ComposeConfig = st["cfg"]
     rng = np.random.default_rng(_tile_seed(cfg.seed, job["image_path"], job["copy"]))
-    tile, profile, quality = _read_tile(job["image_path"])
+    try:
+        tile, profile, quality = _read_tile(job["image_path"])
+    except SynthgenError as e:
+        if st.get("on_error", "raise") == "raise":
+            raise
+        return {"row": None, "prov": [], "problem": {"file": job["image_path"], "line": None, "reason": str(e)}}
     th, tw = tile.shape[:2]
+    region = uniform_edge_region(tile) if cfg.view == "ground" and cfg.exclude_edge_bands else None
     georef = (profile["transform"], profile["crs"]) if profile else None
     habitat = None
     hc = cfg.habitat
@@ -253,7 +306,7 @@ def compose_tile(job: dict) -> dict:
         pbox = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)
         occ = np.array([b[:4] for b in existing] + [p["box"] for p in pasted] + occupied, float).reshape(-1, 4)
         pos = find_position(a, pbox, (th, tw), occ, habitat, cfg.max_overlap, hc.min_fraction,
-                            cfg.placement_tries, rng)
+                            cfg.placement_tries, rng, region)
         if pos is None:
             skipped += 1
             continue
@@ -271,6 +324,11 @@ def compose_tile(job: dict) -> dict:
                      "pool_item": it["rel"], "label": it["label"], "taxon": it["taxon"], "x": x, "y": y,
                      "scale": round(scale, 4), "rotation": round(angle, 2), "hflip": hflip, "vflip": vflip,
                      "blend": mode, "mask_method": it["mask_method"], "box": box})
+    row = {"output": job["out_rel"], "background": job["image_path"], "copy": job["copy"], "width": tw,
+           "height": th, "geo": profile is not None, "n_pasted": len(pasted), "n_skipped": skipped,
+           "real": [[*b[:5], b[5]] for b in existing], "pasted": pasted}
+    if not pasted:  # nothing placed: the real tile again, not a synthetic one (recorded, so a rerun skips it)
+        return {"row": {**row, "empty": True}, "prov": []}
     aug = st.get("aug")
     if aug is not None and profile is None:
         aug.set_random_seed(int(rng.integers(2**31)))
@@ -280,22 +338,23 @@ def compose_tile(job: dict) -> dict:
         _write_geotiff(tile, profile, out_img)
     else:
         _replace_write(out_img, jpeg_bytes(tile, cfg.tile_aug.jpeg_quality or quality))
-    # labels: real boxes (OBB corners kept as polygons for seg) + pasted boxes/polygons
-    det, seg = [], []
+    # labels: real boxes (OBB corners kept as polygons for seg) + pasted boxes/polygons. Where the
+    # input's labels are polygons (OBB), labels/ holds polygons too (pasted boxes as rectangles): a
+    # mix of polygon and box files makes ultralytics drop every segment with a warning
+    det, seg, polygons = [], [], st.get("polygon_labels", False)
     for b in existing:
         x0, y0, x1, y1, c, obb = b[0], b[1], b[2], b[3], int(b[4]), b[5]
-        det.append(_yolo_line(c, [x0, y0, x1, y1], tw, th))
         pts = obb if obb is not None else [x0, y0, x1, y0, x1, y1, x0, y1]
+        det.append(_seg_line(c, pts, tw, th) if polygons else _yolo_line(c, b[:4], tw, th))
         seg.append(_seg_line(c, pts, tw, th))
     for p in pasted:
-        det.append(_yolo_line(p["cls"], p["box"], tw, th))
+        x0, y0, x1, y1 = p["box"]
+        det.append(_seg_line(p["cls"], [x0, y0, x1, y0, x1, y1, x0, y1], tw, th) if polygons
+                   else _yolo_line(p["cls"], p["box"], tw, th))
         seg.append(_seg_line(p["cls"], p["poly"], tw, th))
     stem = Path(job["out_rel"]).with_suffix(".txt").name
     for sub, lines in (("labels", det), ("labels-seg", seg)):
         _replace_write(st["out"] / sub / job["split"] / stem, "".join(line + "\n" for line in lines))
-    row = {"output": job["out_rel"], "background": job["image_path"], "copy": job["copy"], "width": tw,
-           "height": th, "geo": profile is not None, "n_pasted": len(pasted), "n_skipped": skipped,
-           "real": [[*b[:5], b[5]] for b in existing], "pasted": pasted}
     return {"row": row, "prov": prov}
 
 
@@ -384,13 +443,11 @@ def _jobs(ds, cfg: ComposeConfig, image_list: Path | None, n_images: int | None)
 def _run(fn, args: list, workers: int, init_state: dict | None, desc: str):
     """Map `fn` over `args` in-process (workers <= 1) or with a process pool, in completion order."""
     if workers <= 1:
-        if init_state is not None:
-            _init_worker(init_state)
+        _init_worker(init_state)
         for a in tqdm(args, desc=desc, unit="it", leave=False):
             yield fn(a)
         return
-    kw = {"initializer": _init_worker, "initargs": (init_state,)} if init_state is not None else {}
-    with ProcessPoolExecutor(max_workers=workers, **kw) as ex:
+    with ProcessPoolExecutor(max_workers=workers, initializer=_init_worker, initargs=(init_state, os.getpid())) as ex:
         futs = [ex.submit(fn, a) for a in args]
         for f in tqdm(futs, desc=desc, unit="it", leave=False):
             yield f.result()
@@ -403,18 +460,21 @@ def _mask_job(a: tuple) -> dict:
 def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Path,
                     config: ComposeConfig | str | Path | None = None, image_list: str | Path | None = None,
                     n_images: int | None = None, seed: int | None = None, workers: int = 1,
-                    preview: int = 0) -> AugmentResult:
-    """Compose synthetic training tiles into `out` (a new folder; the input is only read)."""
+                    preview: int = 0, on_error: str = "raise") -> AugmentResult:
+    """Compose synthetic training tiles into `out` (a new folder; no input is written to). With
+    on_error="skip" unreadable backgrounds are left out and listed in the result's `problems`."""
+    if on_error not in ("raise", "skip"):
+        raise SynthgenError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     cfg = config if isinstance(config, ComposeConfig) else (
         ComposeConfig.from_yaml(config) if config else ComposeConfig())
     if seed is not None:
         cfg = cfg.model_copy(update={"seed": seed})
     pools = [Path(p) for p in (pools if isinstance(pools, list | tuple) else [pools])]
+    ds = load_backgrounds(dataset, on_error)
+    refuse_inside_inputs(out, [*dataset_inputs(dataset, ds.images.image_path), *pools, image_list,
+                               None if isinstance(config, ComposeConfig) else config, cfg.habitat.path],
+                         "output dataset")
     out = Path(out).resolve()
-    src_root = Path(dataset).resolve()
-    if out == src_root or src_root in out.parents or any(out == p.resolve() for p in pools):
-        raise SynthgenError(f"{out}: output must be a new folder, not inside the input {src_root} or a pool")
-    ds = load_backgrounds(dataset)
     names = list(ds.names)
     if not names:  # bare background tiles: the pools' labels are the classes
         names = sorted({str(r.get("label")) for p in pools for r in read_jsonl(p / "manifest.jsonl")})
@@ -437,7 +497,8 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     if not good:
         raise SynthgenError(f"every pool instance's mask was rejected (e.g. {recs[0]['chip']}: {recs[0]['reason']})")
 
-    state = {"cfg": cfg, "items": good, "out": out,
+    state = {"cfg": cfg, "items": good, "out": out, "on_error": on_error,
+             "polygon_labels": bool(ds.boxes.obb.notna().any()) if len(ds.boxes) else False,
              "sizes": DatasetSizes(ds.boxes[ds.boxes.split.isin(cfg.background_splits)], cfg.scale.jitter,
                                    cfg.scale.size_px)}
     if cfg.scale.mode == "physical":
@@ -457,18 +518,45 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     todo = [j for j in jobs if j["out_rel"] not in done_rows]
     # provenance is appended with a flush only (one write per tile, no fsync): the fsynced manifest row
     # that follows is the truth, and a rerun drops provenance rows of tiles missing from the manifest
+    problems = list(ds.problems)
     with JsonlAppender(man_path) as man, open(prov_path, "a", encoding="utf-8") as prov:
         for res in _run(compose_tile, todo, workers, state, "compose"):
+            if res["row"] is None:  # unreadable background, on_error="skip": listed, retried by a rerun
+                problems.append(res["problem"])
+                continue
             prov.write("".join(json.dumps(p) + "\n" for p in res["prov"]))
             prov.flush()
             man.write(res["row"])
             done_rows[res["row"]["output"]] = res["row"]
-    rows = [done_rows[j["out_rel"]] for j in jobs if j["out_rel"] in done_rows]
+    done = [done_rows[j["out_rel"]] for j in jobs if j["out_rel"] in done_rows]
+    rows = [r for r in done if not r.get("empty")]
     data_yaml = _finalize(out, ds, rows, names, cfg, image_list)
     if preview:
         draw_previews(out, rows[:preview], names)
-    return AugmentResult(out, len(rows), sum(r["n_pasted"] for r in rows), sum(r["n_skipped"] for r in rows),
-                         n_rej, data_yaml)
+    return AugmentResult(out, len(rows), sum(r["n_pasted"] for r in rows), sum(r["n_skipped"] for r in done),
+                         n_rej, data_yaml, n_empty=len(done) - len(rows),
+                         pools=_pool_summary(pools, items, recs, read_jsonl(prov_path)), problems=problems)
+
+
+def _reason_kind(reason: str) -> str:
+    """A mask rejection reason without its measurements, for counting: the first method's reason."""
+    first = reason.split("; ")[0].split(": ", 1)[-1]
+    return re.sub(r"\s*\([^)]*\)", "", first)
+
+
+def _pool_summary(pools: list[Path], items: list[dict], recs: list[dict], prov: list[dict]) -> dict[str, dict]:
+    """Per pool: instances read, rows the filter rejected, masks rejected by reason, instances pasted."""
+    pasted = Counter(r["pool"] for r in prov)
+    out = {}
+    for pool in pools:
+        key = str(Path(pool).resolve())
+        mine = [rec for it, rec in zip(items, recs, strict=True) if it["pool"] == key]
+        out[str(pool)] = {
+            "instances": len(mine),
+            "filtered_out": sum(r.get("kept") is False for r in read_jsonl(Path(pool) / "manifest.jsonl")),
+            "masks_rejected": dict(Counter(_reason_kind(r["reason"]) for r in mine if not r["mask"]).most_common()),
+            "pasted": pasted[key]}
+    return out
 
 
 def _finalize(out: Path, ds, rows: list[dict], names: list[str], cfg: ComposeConfig, image_list) -> Path:

@@ -75,6 +75,31 @@ def vector_habitat(gdf, image_path: str, shape: tuple[int, int], georef) -> np.n
     return rasterize(((g, 1) for g in geoms), out_shape=shape, transform=transform, fill=0, dtype="uint8")
 
 
+def uniform_edge_region(rgb: np.ndarray, tol: float = 8.0, min_share: float = 0.6, max_depth: float = 0.12,
+                        step: float = 30.0) -> tuple[int, int, int, int]:
+    """(x0, y0, x1, y1): the frame without uniform-colour bands along its edges (a camera's date
+    banner, letterbox bars), which are not habitat. A band is the run of lines from an edge whose
+    median colour stays within `tol` of the edge line's, with `min_share` of their pixels within
+    3 x `tol` (text and its JPEG ringing on a banner are the minority), no deeper than `max_depth` of the side, and ending in a sharp step (the
+    scene beyond differs by `step` levels): flat water or sky fades, and runs deeper."""
+    img = rgb.astype(np.int16)
+    h, w = img.shape[:2]
+
+    def depth(lines: np.ndarray) -> int:  # lines from the edge inward, each (length, 3)
+        ref = np.median(lines[0], axis=0)
+        limit = int(max_depth * len(lines))
+        for n, line in enumerate(lines[: limit + 1]):
+            near = np.abs(line - ref).max(axis=1)
+            if np.median(near) > tol or (near <= 3 * tol).mean() < min_share:
+                beyond = lines[min(n + 2, len(lines) - 1)]  # past the JPEG ringing of the boundary
+                return n if np.median(np.abs(beyond - ref).max(axis=1)) >= step else 0  # a fade is scene
+        return 0  # uniform deeper than any border: the scene itself (dark water, sky), not a band
+
+    top, bottom = depth(img), depth(img[::-1])
+    left, right = depth(img.transpose(1, 0, 2)), depth(img.transpose(1, 0, 2)[::-1])
+    return left, top, w - right, h - bottom
+
+
 def ioa(box: np.ndarray, others: np.ndarray) -> np.ndarray:
     """Intersection over the smaller box's area, for each of `others` (N, 4) xyxy."""
     if not len(others):
@@ -88,26 +113,33 @@ def ioa(box: np.ndarray, others: np.ndarray) -> np.ndarray:
 
 def find_position(alpha: np.ndarray, box: tuple[int, int, int, int], tile_hw: tuple[int, int],
                   occupied: np.ndarray, habitat: np.ndarray | None, max_overlap: float, min_fraction: float,
-                  tries: int, rng: np.random.Generator) -> tuple[int, int] | None:
+                  tries: int, rng: np.random.Generator,
+                  region: tuple[int, int, int, int] | None = None) -> tuple[int, int] | None:
     """Top-left (x, y) for an instance patch whose alpha's tight box is `box` (patch coordinates), or
-    None when no free spot was found in `tries` draws. Habitat draws start from habitat pixels."""
+    None when no free spot was found in `tries` draws. Habitat draws start from habitat pixels. The
+    tight box stays inside `region` (x0, y0, x1, y1; default the tile)."""
     ph, pw = alpha.shape
     th, tw = tile_hw
     if ph > th or pw > tw:
+        return None
+    bx0, by0, bx1, by1 = box
+    rx0, ry0, rx1, ry1 = region or (0, 0, tw, th)
+    xlo, xhi = max(0, rx0 - bx0), min(tw - pw, rx1 - bx1)  # patch origins keeping the box in the region
+    ylo, yhi = max(0, ry0 - by0), min(th - ph, ry1 - by1)
+    if xhi < xlo or yhi < ylo:
         return None
     fg = alpha > 0.5
     n_fg = max(int(fg.sum()), 1)
     hab_pts = np.argwhere(habitat > 0) if habitat is not None else None
     if hab_pts is not None and not len(hab_pts):
         return None
-    bx0, by0, bx1, by1 = box
     for _ in range(tries):
         if hab_pts is not None:
             cy, cx = hab_pts[rng.integers(len(hab_pts))]
             x, y = int(cx - (bx0 + bx1) // 2), int(cy - (by0 + by1) // 2)
-            x, y = int(np.clip(x, 0, tw - pw)), int(np.clip(y, 0, th - ph))
+            x, y = int(np.clip(x, xlo, xhi)), int(np.clip(y, ylo, yhi))
         else:
-            x, y = int(rng.integers(0, tw - pw + 1)), int(rng.integers(0, th - ph + 1))
+            x, y = int(rng.integers(xlo, xhi + 1)), int(rng.integers(ylo, yhi + 1))
         b = np.array([x + bx0, y + by0, x + bx1, y + by1], float)
         if len(occupied) and ioa(b, occupied).max() > max_overlap:
             continue

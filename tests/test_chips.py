@@ -166,3 +166,26 @@ def test_cli_background_chips(seals, tmp_path):
     rows = read_jsonl(out / "manifest.jsonl")
     assert len(rows) == 5 and all(x["file"].startswith("val/background/") and x["size"] == 24 for x in rows)
     assert json.loads((out / "chips.json").read_text())["seed"] == 3
+
+
+def test_two_images_one_stem_get_their_own_chips(small, tmp_path):
+    """a.jpg in two folders (or a.jpg and a.png in a COCO file) once wrote one chip file for two
+    manifest rows; now each image has its own chip names and rows match files."""
+    from detection import write_dataset
+
+    two = small.subset(images=sorted(small.images.image_path)[:2])
+    root = write_dataset(two, tmp_path / "ds", "yolo", images="copy").parent
+    first = sorted((root / "train" / "images").iterdir())[1]
+    for sub in ("images", "labels"):
+        (root / "train" / sub / "x").mkdir()
+    src_label = root / "train" / "labels" / f"{first.stem}.txt"
+    stem = sorted((root / "train" / "images").glob("*.jpg"))[0].stem
+    (root / "train" / "images" / "x" / f"{stem}.jpg").write_bytes(first.read_bytes())
+    (root / "train" / "labels" / "x" / f"{stem}.txt").write_bytes(src_label.read_bytes())
+    ds = read_dataset(root)
+    assert ds.images.image_path.map(lambda p: Path(p).stem).value_counts()[stem] == 2
+    s = make_chips(ds, tmp_path / "chips", progress=False)
+    rows = read_jsonl(tmp_path / "chips" / "manifest.jsonl")
+    files = sorted(str(p.relative_to(tmp_path / "chips")) for p in (tmp_path / "chips").rglob("*.png"))
+    assert s["written"] == len(rows) == len(files) == len(ds.boxes) and sorted(r["file"] for r in rows) == files
+    assert len({r["source_image"] for r in rows if stem in r["file"]}) == 2

@@ -32,5 +32,6 @@ def test_demo_cli_names_missing_data(tmp_path):
 
     from cli import app
 
-    r = CliRunner().invoke(app, ["demo", "--data", str(tmp_path), "--out", str(tmp_path / "out")])
+    (tmp_path / "data").mkdir()  # the output may not lie inside the data folder, so they are siblings
+    r = CliRunner().invoke(app, ["demo", "--data", str(tmp_path / "data"), "--out", str(tmp_path / "out")])
     assert r.exit_code == 1 and "aquarium" in r.output and "dataset not found" in r.output

@@ -78,3 +78,70 @@ def test_cli_convert_to_geopackage(geo, tmp_path):
     assert r.exit_code == 0, r.output
     assert "61 boxes" in r.output
     assert len(read_dataset(tmp_path / "train.gpkg").boxes) == 61
+
+
+def test_geojson_without_crs_is_wgs84(geo, osbs, tmp_path):
+    """RFC 7946: no `crs` member means WGS84. Lon/lat reads; projected metres are an error naming
+    the file (before: exit 0 with all-NaN boxes)."""
+    import json
+
+    import geopandas as gpd
+
+    from detection import DataError
+
+    f = write_dataset(osbs, tmp_path / "utm", "geojson") / "train.geojson"
+    lonlat = json.loads(gpd.read_file(f).to_crs("EPSG:4326").to_json())
+    assert "crs" not in lonlat
+    (tmp_path / "lonlat.geojson").write_text(json.dumps(lonlat))
+    back = read_dataset(tmp_path / "lonlat.geojson")
+    assert len(back.boxes) == 61 and np.isfinite(back.boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy()).all()
+    utm = json.loads(f.read_text())
+    utm.pop("crs", None)
+    (tmp_path / "utm.geojson").write_text(json.dumps(utm))
+    with pytest.raises(DataError, match="outside longitude/latitude range of WGS 84") as e:
+        read_dataset(tmp_path / "utm.geojson")
+    assert str(e.value).startswith(str(tmp_path / "utm.geojson"))
+
+
+@pytest.fixture
+def pixel_layer(geo, tmp_path):
+    """A plain PNG (no CRS) and two boxes drawn on it in pixels, with no .prj."""
+    import geopandas as gpd
+    from PIL import Image
+    from shapely.geometry import box
+
+    Image.open(geo / "AWPE_Pigeon_Lake_2020_DJI_0005.JPG").save(tmp_path / "colony.png")
+
+    def layer(boxes, name="colony"):
+        gdf = gpd.GeoDataFrame({"label": ["pelican"] * len(boxes)}, geometry=[box(*b) for b in boxes], crs=None)
+        with pytest.warns(UserWarning, match="crs"):
+            gdf.to_file(tmp_path / f"{name}.shp")
+        return tmp_path / f"{name}.shp"
+    return layer
+
+
+def test_vector_in_pixel_coordinates(pixel_layer, tmp_path):
+    """No CRS on either side: pixel coordinates, y negated when every y <= 0 (before: unreadable)."""
+    want = [[100, 200, 140, 220], [500, 860, 530, 900]]
+    up = pixel_layer([(100, -220, 140, -200), (500, -900, 530, -860)])
+    for kw in ({}, {"pixel_y": "up"}):  # auto finds every y <= 0
+        ds = read_dataset(up, **kw)  # the image is found beside the file by its stem
+        assert ds.boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy().tolist() == want
+        assert ds.images.image_path.tolist() == [str(tmp_path / "colony.png")] and ds.boxes.geometry.isna().all()
+        assert len(ds.notes) == 1 and "image pixel coordinates, y negated" in ds.notes[0]
+    down = pixel_layer([(100, 200, 140, 220), (500, 860, 530, 900)], "down")
+    ds = read_dataset(down, raster=tmp_path / "colony.png")
+    assert ds.boxes[["xmin", "ymin", "xmax", "ymax"]].to_numpy().tolist() == want and "y down" in ds.notes[0]
+    skipped = read_dataset(up, raster=tmp_path / "colony.png", pixel_y="down", on_error="skip")
+    assert len(skipped.boxes) == 0 and "outside raster colony.png" in skipped.problems[0]["reason"]
+    with pytest.raises(ValueError, match="pixel_y"):
+        read_dataset(up, pixel_y="sideways")
+
+
+def test_pixel_vector_over_georeferenced_raster_is_refused(geo, pixel_layer):
+    from detection import DataError
+
+    shp = pixel_layer([(1, -20, 10, -10)])
+    with pytest.raises(DataError, match="vector file has no CRS .* but OSBS_029.tif is georeferenced") as e:
+        read_dataset(shp, raster=geo / "OSBS_029.tif")
+    assert str(e.value).startswith(str(shp))

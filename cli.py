@@ -609,8 +609,8 @@ def detect_cmd(
 @app.command("benchmark")
 def benchmark_cmd(
     config: Path = typer.Option(..., help="configs/benchmarks/NAME.yaml"),
-    scale: str = typer.Option("cpu", help="scale from the config: smoke (minutes, every stage, tiny: checks the "
-                              "pipeline, answers nothing) | cpu (hours on 2 cores) | gpu | gpu-cell"),
+    scale: str = typer.Option("cpu", help="scale from the config: smoke (minutes: every stage at a tiny size, checks "
+                              "the pipeline, answers nothing) | cpu (hours on 2 cores) | gpu | gpu-cell (seals)"),
     out: Path | None = typer.Option(None, help="report folder (default WORK/report; the committed reports under "
                                     "benchmarks/results/ are written only when named here)"),
     work: Path | None = typer.Option(None, help="stage cache (default runs/benchmarks/NAME/SCALE)"),

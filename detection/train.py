@@ -48,7 +48,8 @@ class CheckpointRefused(SynthgenError):
 # ---------------------------------------------------------------------------------------------
 # checkpoints without code execution
 _TRUSTED: set[str] = set()
-_LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.")
+_LAYER_MODULES = ("torch.nn.modules.", "ultralytics.nn.",
+                  "timm.layers.", "timm.models._efficientnet_blocks.", "detection.backbones.")  # yolov8n-lite0.yaml
 TRUST_HINT = "pass --trust-checkpoint only if you trust where this file came from"
 
 

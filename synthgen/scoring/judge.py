@@ -32,10 +32,10 @@ from torch import nn
 from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError
-from synthgen.io_utils import atomic_write, write_json
 from synthgen.features import ARCH, WHEEL, lite0
 from synthgen.features import MEAN as LITE_MEAN
 from synthgen.features import STD as LITE_STD
+from synthgen.io_utils import atomic_write, write_json
 from synthgen.scoring.base import Pool, Scorer, ScoringError, TaxonSpace, batched, load_image, split_by_source
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -376,7 +376,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
             idx = torch.multinomial(weights, steps_per_epoch * cfg.batch_size, replacement=True, generator=gen)
             if bg_key:  # as many background chips as animal chips in every batch
                 bidx = torch.randint(0, len(x_bg), (steps_per_epoch * cfg.batch_size,), generator=gen)
-            total = 0.0
+            total, cpu0 = 0.0, time.process_time()
             for b in range(steps_per_epoch):
                 bi = idx[b * cfg.batch_size : (b + 1) * cfg.batch_size]
                 xs = x_tr[bi]
@@ -399,7 +399,8 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
                 opt.step()
                 sched.step()
                 total += loss.item()
-            history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch})
+            history.append({"epoch": epoch + 1, "loss": total / steps_per_epoch,
+                            "cpu_seconds": round(time.process_time() - cpu0, 1)})  # fair budgets on a busy machine
             _save_state(state_path, net, opt, {"epoch": epoch + 1, "config": cfg.model_dump(), "history": history,
                                                "background": bg_key})
             bar.update(task, advance=1, loss=f"loss {total / steps_per_epoch:.3f}")

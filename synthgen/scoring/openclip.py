@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -34,15 +35,60 @@ def _offline_hint(model: str, err: Exception) -> ScoringError:
     )
 
 
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """One quick TCP connect to the hub endpoint: offline, huggingface_hub would retry for ~30 s
+    (printing each retry twice) before the same failure."""
+    import socket
+    from urllib.parse import urlparse
+
+    import huggingface_hub.constants as hc
+
+    url = urlparse(hc.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def _hub_offline() -> Iterator[None]:
+    """huggingface_hub in offline mode (cache only) for the duration, whatever the environment says."""
+    import huggingface_hub.constants as hc
+
+    saved = hc.HF_HUB_OFFLINE
+    hc.HF_HUB_OFFLINE = True
+    try:
+        yield
+    finally:
+        hc.HF_HUB_OFFLINE = saved
+
+
+def _looks_like_path(model: str) -> bool:
+    return model.startswith(("/", "./", "../", "~")) or (os.sep in model and not model.startswith("hf-hub:"))
+
+
 def load_open_clip(model: str, pretrained: str | None = None, device: str | torch.device = "cpu"):
     """(model, preprocess, tokenizer) from a hub id, a model name + tag, a local hub-layout folder,
-    or a model name + local checkpoint file. Offline hub failures become a ScoringError with a hint."""
-    import open_clip
-
+    or a model name + local checkpoint file. Offline hub failures become a ScoringError with a hint,
+    at once: an unreachable hub is detected before loading (and before the slow open_clip import), and a
+    cached model then loads from the cache."""
     if pretrained and Path(pretrained).is_dir():
         model, pretrained = f"local-dir:{pretrained}", None
-    if model.startswith("local-dir:") or Path(model).is_dir():
-        folder = Path(model.removeprefix("local-dir:"))
+    folder = Path(model.removeprefix("local-dir:")).expanduser()
+    if (model.startswith("local-dir:") or _looks_like_path(model)) and not folder.is_dir():
+        raise ScoringError(f"{folder}: folder not found (a local open_clip model folder holds open_clip_config.json "
+                           "and its weights)")
+    offline = contextlib.nullcontext()
+    if model.startswith("hf-hub:") and not _hub_reachable():
+        from huggingface_hub import try_to_load_from_cache
+
+        if not isinstance(try_to_load_from_cache(model.removeprefix("hf-hub:"), "open_clip_config.json"), str):
+            raise _offline_hint(model, ConnectionError("the hub is unreachable and the model is not in the local cache"))
+        offline = _hub_offline()
+    import open_clip
+
+    if model.startswith("local-dir:") or folder.is_dir():
         if not (folder / "open_clip_config.json").is_file():
             raise ScoringError(f"{folder}: not an open_clip model folder (open_clip_config.json missing)")
         if not any(p for pat in _WEIGHT_NAMES for p in folder.glob(pat)):
@@ -53,7 +99,7 @@ def load_open_clip(model: str, pretrained: str | None = None, device: str | torc
                            "or pass a local folder with open_clip_config.json + weights")
     elif pretrained and not Path(pretrained).is_file() and os.sep in pretrained:
         raise ScoringError(f"{pretrained}: checkpoint file not found")
-    with preserve_torch_load_env():
+    with preserve_torch_load_env(), offline:
         try:
             net, _, preprocess = open_clip.create_model_and_transforms(model, pretrained=pretrained, device=device)
             tokenizer = open_clip.get_tokenizer(model)

@@ -376,10 +376,12 @@ def test_image_list_restricts_backgrounds_and_real_list(seals, seal_pool, tmp_pa
     lst.write_text("".join(f"{p}\n" for p in imgs))
     out = tmp_path / "out"
     r = augment_dataset(seals / "data.yaml", seal_pool, out, image_list=lst, seed=1, n_images=5)
-    assert r.n_tiles == 5  # more than the 3 listed tiles: several copies of some, each its own seed
+    # more than the 3 listed tiles: several copies of some, each its own seed (a copy where nothing was
+    # placed is not written)
+    assert r.n_tiles + r.n_empty == 5 and r.n_tiles >= 3
     listed = [Path(x).resolve() for x in (out / "train_real.txt").read_text().split()]
     assert listed == [p.resolve() for p in imgs]  # same files, whatever links lead to the data
-    assert {Path(x).name.split("__syn")[0] for x in (out / "train_synthetic.txt").read_text().split()} == {
+    assert {Path(x).name.split("__syn")[0] for x in (out / "train_synthetic.txt").read_text().split()} <= {
         p.stem for p in imgs}
 
 
@@ -433,3 +435,175 @@ def test_raster_habitat_folder_of_masks(tmp_path):
     assert r.n_pasted == 3
     for p in (json.loads(x) for x in (tmp_path / "o3" / "provenance.jsonl").read_text().splitlines()):
         assert p["box"][0] >= 150 and p["box"][1] >= 150, p["box"]
+
+
+# --- issue 20: bad backgrounds, orphaned workers, empty tiles, banners, summary, label format -------
+def _bare_tiles(folder: Path, n: int = 2, size=(300, 400), seed: int = 0) -> Path:
+    """Textured grey JPEG tiles (no labels): backgrounds for a bare-folder augment-dataset run."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True)
+    for i in range(n):
+        img = np.clip(rng.normal(150, 25, (*size, 3)), 0, 255).astype(np.uint8)
+        Image.fromarray(img).save(folder / f"t{i}.jpg", quality=90)
+    return folder
+
+
+_SIZED = {"scale": {"mode": "dataset", "size_px": {"seal": 30.0}}, "tile_aug": {"p": 0}}
+
+
+def test_corrupt_background_is_one_line_or_skipped_and_listed(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    bg = _bare_tiles(tmp_path / "bg")
+    data = (bg / "t1.jpg").read_bytes()
+    (bg / "t1.jpg").write_bytes(data[: len(data) // 2])  # truncated: the header still reads
+    pool = _write_pool(tmp_path / "pool", [_ellipse_chip(axes=(26, 12))], "seal")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**_SIZED, "count": {"distribution": "uniform", "low": 2, "high": 2}}))
+    base = ["augment-dataset", str(bg), "--pool", str(pool), "--config", str(cfg)]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "o1")])
+    assert r.exit_code == 1 and "Traceback" not in r.output  # stderr holds the progress bars only
+    assert len(r.stdout.strip().splitlines()) == 1 and "t1.jpg" in r.stdout and "truncated" in r.stdout
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "o2"), "--on-error", "skip", "--workers", "2"])
+    assert r.exit_code == 0, r.output
+    assert f"skipped {bg / 't1.jpg'}" in r.output and "1 backgrounds skipped" in r.output
+    assert [Path(x).name for x in (tmp_path / "o2" / "train_synthetic.txt").read_text().split()] == ["t0__syn0.jpg"]
+
+
+@pytest.mark.slow
+def test_workers_die_with_their_parent_after_kill_9(tmp_path):
+    """kill -9 of augment-dataset --workers 2 left both workers running; they now go with the parent."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    bg = _bare_tiles(tmp_path / "bg", n=40, size=(600, 600))
+    pool = _write_pool(tmp_path / "pool", [_ellipse_chip(axes=(26, 12), seed=i, noise=8) for i in range(6)], "seal")
+    script = (f"from synthgen.compose import ComposeConfig, augment_dataset\n"
+              f"cfg = ComposeConfig(**{_SIZED!r}, copies_per_tile=50)\n"
+              f"augment_dataset({str(bg)!r}, {str(pool)!r}, {str(tmp_path / 'out')!r}, cfg, workers=2)\n")
+    parent = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        kids = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == parent.pid and fields[0] != "Z":
+                kids.append(int(stat.parent.name))
+        return kids
+
+    deadline = time.time() + 120
+    while len(children()) < 2 and time.time() < deadline and parent.poll() is None:
+        time.sleep(0.2)
+    workers = children()
+    assert len(workers) >= 2, "the workers never started"
+    os.kill(parent.pid, signal.SIGKILL)
+    parent.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+        except OSError:
+            return False
+
+    deadline = time.time() + 5
+    while any(alive(p) for p in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [p for p in workers if alive(p)]
+    for p in left:  # never leave them behind, even when the test fails
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} outlived their parent"
+
+
+def test_a_tile_where_nothing_was_placed_is_not_written(tmp_path):
+    bg = _bare_tiles(tmp_path / "bg", n=2)
+    pool = _write_pool(tmp_path / "pool", [_ellipse_chip(axes=(26, 12))], "seal")
+    cfg = ComposeConfig(**_SIZED, count={"distribution": "uniform", "low": 0, "high": 0})
+    out = tmp_path / "out"
+    r = augment_dataset(bg, pool, out, cfg)
+    assert (r.n_tiles, r.n_empty, r.n_pasted) == (0, 2, 0)
+    assert not (out / "images").exists() and (out / "train_synthetic.txt").read_text() == ""
+    rows = [json.loads(x) for x in (out / "manifest.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(x["empty"] for x in rows)  # recorded, so a rerun does not redo them
+    assert augment_dataset(bg, pool, out, cfg).n_empty == 2
+
+
+def test_ground_view_pastes_avoid_a_uniform_date_banner(tmp_path):
+    bg = _bare_tiles(tmp_path / "bg", n=1)
+    img = np.asarray(Image.open(bg / "t0.jpg")).copy()
+    img[270:] = 0  # a camera's black date banner along the bottom, with white text
+    cv2.putText(img, "2021-06-03 14:22:07", (8, 292), cv2.FONT_HERSHEY_SIMPLEX, 0.6, (255, 255, 255), 2)
+    Image.fromarray(img).save(bg / "t0.jpg", quality=90)
+    pool = _write_pool(tmp_path / "pool", [_ellipse_chip(axes=(26, 12))], "seal")
+    cfg = ComposeConfig(**_SIZED, view="ground", copies_per_tile=6, max_overlap=1.0,
+                        count={"distribution": "uniform", "low": 10, "high": 10})
+    out = tmp_path / "out"
+    r = augment_dataset(bg, pool, out, cfg)
+    assert r.n_pasted == 60
+    boxes = [json.loads(x)["box"] for x in (out / "provenance.jsonl").read_text().splitlines()]
+    assert max(b[3] for b in boxes) <= 270, "a paste landed on the banner"
+    assert max(b[3] for b in boxes) > 200  # the rest of the frame is still used
+
+
+def test_summary_says_what_each_pool_gave_and_why_masks_were_rejected(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    bg = _bare_tiles(tmp_path / "bg", n=2)
+    good = _write_pool(tmp_path / "good", [_ellipse_chip(axes=(26, 12))], "seal")
+    flat = [np.full((90, 90, 3), 128, np.uint8), np.full((90, 90, 3), 200, np.uint8)]  # nothing to cut out
+    bad = _write_pool(tmp_path / "bad", flat, "seal")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({**_SIZED, "count": {"distribution": "uniform", "low": 2, "high": 2}}))
+    r = CliRunner().invoke(app, ["augment-dataset", str(bg), "--pool", str(good), "--pool", str(bad),
+                                 "--config", str(cfg), "--out", str(tmp_path / "out")])
+    assert r.exit_code == 0, r.output
+    text = " ".join(r.output.split())
+    assert f"pool {good}: 4 pasted of 1 instances; 0 masks rejected" in text
+    assert f"pool {bad}: 0 pasted of 2 instances; 2 masks rejected (" in text
+    summary = json.loads((tmp_path / "out" / "masks" / "summary.json").read_text())
+    assert len(summary["rejected"]) == 2
+
+
+@pytest.mark.slow
+def test_obb_input_gives_polygon_labels_and_no_ultralytics_segment_warning(seals, seal_pool, tmp_path):
+    """Real OBB tiles (polygons) mixed with box-only synthetic label files made ultralytics drop all
+    segments with "Box and segment counts should be equal" on every seal detector run."""
+    import logging
+
+    from ultralytics.data.dataset import YOLODataset
+    from ultralytics.utils import DEFAULT_CFG, LOGGER
+
+    lst = tmp_path / "train.txt"
+    lst.write_text("".join(f"{p}\n" for p in sorted((seals / "train" / "images").glob("*.jpg"))[200:204]))
+    out = tmp_path / "out"
+    r = augment_dataset(seals, seal_pool, out, image_list=lst, n_images=4, seed=3)
+    assert r.n_pasted > 0
+    for f in (out / "labels" / "train").glob("*.txt"):
+        assert all(len(line.split()) == 9 for line in f.read_text().splitlines())
+
+    class Grab(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.messages = []
+
+        def emit(self, record):
+            self.messages.append(record.getMessage())
+
+    grab = Grab()
+    LOGGER.addHandler(grab)
+    try:
+        ds = YOLODataset(img_path=[str(out / "train_real.txt"), str(out / "train_synthetic.txt")], imgsz=64,
+                         augment=False, hyp=DEFAULT_CFG, data={"names": {0: "seal"}, "channels": 3}, task="detect")
+    finally:
+        LOGGER.removeHandler(grab)
+    assert len(ds.labels) == 8 and sum(len(lb["segments"]) for lb in ds.labels) > 0
+    assert not [m for m in grab.messages if "segment counts" in m], grab.messages

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from detection.train import DetectorTrainConfig, RatioSampler, _prepare_data, train_detector, write_data_yaml
 from synthgen.errors import SynthgenError
@@ -107,6 +108,13 @@ def test_train_detector_offline_with_ratio(tiny_lists, tmp_path, monkeypatch, aq
     counts = epoch_counts(Path(_prepare_data(matched, tmp_path)), "probe2")
     assert counts["synth"] == counts["real"] == 2
 
+    # our own checkpoints load through the restricted unpickler (weights_only, layers allow-listed)
+    from detection.infer import load_model
+    from detection.train import load_torch_checkpoint
+
+    assert load_model(best, torch.device("cpu")).names[0] == "fish"
+    assert "optimizer" in load_torch_checkpoint(out / "weights" / "last.pt")
+
     # finished runs are skipped (no retraining): the marker short-circuits
     mtime = best.stat().st_mtime
     assert train_detector(cfg, out, verbose=False) == best and best.stat().st_mtime == mtime
@@ -117,3 +125,28 @@ def test_train_detector_offline_with_ratio(tiny_lists, tmp_path, monkeypatch, aq
 def test_missing_weights_message_is_actionable(tmp_path):
     with pytest.raises(ValueError, match="local .pt path or a model yaml"):
         DetectorTrainConfig(model=str(tmp_path / "nope.pt"))
+
+
+def test_train_detector_from_a_crafted_pt_is_refused_without_running_code(tiny_lists, tmp_path):
+    """A .pt that would run `touch MARKER` when unpickled (issue 20): one line, nothing run."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    marker = tmp_path / "marker"
+
+    class RunsShell:
+        def __reduce__(self):
+            import os
+
+            return os.system, (f"touch {marker}",)
+
+    pt = tmp_path / "weights.pt"
+    torch.save({"model": RunsShell(), "train_args": {}}, pt)
+    r = CliRunner().invoke(app, ["train-detector", "--data", str(tiny_lists["data"]), "--model", str(pt),
+                                 "--out", str(tmp_path / "run"), "--epochs", "1", "--imgsz", "64", "--batch", "2",
+                                 "--device", "cpu"])
+    assert not marker.exists(), "the checkpoint's code ran"
+    assert r.exit_code == 1 and "Traceback" not in r.output, r.output
+    err = [ln for ln in r.stdout.splitlines() if ln.startswith("error:")]
+    assert len(err) == 1 and "weights.pt" in err[0] and "--trust-checkpoint" in err[0], r.stdout

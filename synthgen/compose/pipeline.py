@@ -470,10 +470,10 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     if seed is not None:
         cfg = cfg.model_copy(update={"seed": seed})
     pools = [Path(p) for p in (pools if isinstance(pools, list | tuple) else [pools])]
+    inputs = [*pools, image_list, None if isinstance(config, ComposeConfig) else config, cfg.habitat.path]
+    refuse_inside_inputs(out, [*dataset_inputs(dataset), *inputs], "output dataset")  # before reading it
     ds = load_backgrounds(dataset, on_error)
-    refuse_inside_inputs(out, [*dataset_inputs(dataset, ds.images.image_path), *pools, image_list,
-                               None if isinstance(config, ComposeConfig) else config, cfg.habitat.path],
-                         "output dataset")
+    refuse_inside_inputs(out, [*dataset_inputs(dataset, ds.images.image_path), *inputs], "output dataset")
     out = Path(out).resolve()
     names = list(ds.names)
     if not names:  # bare background tiles: the pools' labels are the classes

@@ -80,8 +80,9 @@ def uniform_edge_region(rgb: np.ndarray, tol: float = 8.0, min_share: float = 0.
     """(x0, y0, x1, y1): the frame without uniform-colour bands along its edges (a camera's date
     banner, letterbox bars), which are not habitat. A band is the run of lines from an edge whose
     median colour stays within `tol` of the edge line's, with `min_share` of their pixels within
-    3 x `tol` (text and its JPEG ringing on a banner are the minority), no deeper than `max_depth` of the side, and ending in a sharp step (the
-    scene beyond differs by `step` levels): flat water or sky fades, and runs deeper."""
+    3 x `tol` (the banner's text and its JPEG ringing are the minority), no deeper than `max_depth`
+    of the side, and ending in a sharp step (the scene beyond differs by `step` levels): flat water
+    or sky fades, and runs deeper."""
     img = rgb.astype(np.int16)
     h, w = img.shape[:2]
 

@@ -30,6 +30,12 @@ from synthgen.metrics import (
 from synthgen.scoring import JudgeScorer, Pool
 
 
+@pytest.fixture(autouse=True)
+def feature_cache(tmp_path, monkeypatch):
+    """Features are cached per file content under $SYNTHGEN_CACHE: keep each test's cache to itself."""
+    monkeypatch.setenv("SYNTHGEN_CACHE", str(tmp_path / "cache"))
+
+
 def test_frechet_by_hand():
     a = np.array([[0.0], [2.0]])  # mean 1, var 2 (ddof 1)
     b = np.array([[1.0], [3.0]])  # mean 2, var 2
@@ -220,12 +226,11 @@ def test_evaluate_samples_cli(tmp_path, no_network):
     assert res.exit_code == 1 and "manifest.jsonl" in res.output
 
 
-def test_sample_quality_benchmark_on_tiny_generator(aquarium, tmp_path):
+def test_sample_quality_benchmark_on_tiny_generator(aquarium_chips, tmp_path):
     """benchmarks/sample_quality.py end to end: a tiny diffusion model trained a few steps on real
     chips, both guidance modes, features from a tiny random open_clip model in a local folder."""
     import sys
 
-    from test_diffusion import make_chips
     from test_scoring import tiny_open_clip
 
     from synthgen.train import TrainConfig, train
@@ -233,7 +238,7 @@ def test_sample_quality_benchmark_on_tiny_generator(aquarium, tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
     import sample_quality
 
-    chips = make_chips(aquarium, tmp_path / "chips", labels=("penguin", "starfish"), per_label=4)
+    chips = aquarium_chips(tmp_path / "chips", labels=("penguin", "starfish"), per_label=4)
     cfg = TrainConfig(preset="tiny", image_size=32, mode="flat", steps_per_stage=1, batch_size=4, warmup_steps=1,
                       device="cpu")
     model = train(cfg, tmp_path / "model", chips=chips, progress=False).out
@@ -254,3 +259,35 @@ def test_sample_quality_benchmark_on_tiny_generator(aquarium, tmp_path):
     assert "| flat-taxonomic |" in md and "Rarest taxa" in md and "| flat-cfg | starfish | 3 |" in md
     assert " ± " in md  # taxon accuracy carries its sampling error
     assert (out / "flat-cfg" / "sheet.png").stat().st_size > 100 and (out / "real_heldout_sheet.png").exists()
+
+
+@pytest.mark.slow
+def test_evaluate_samples_imagenet_default_holds_out_without_val_split(tmp_path, no_network):
+    """No --features: ImageNet EfficientNet-Lite0 features. Real chips with only a train split: whole
+    source images are held out, and the output says so. --judge adds per-rank accuracy."""
+    from cli import app
+
+    rows = [json.loads(x) for x in (tiny_chips() / "manifest.jsonl").read_text().splitlines()]
+    real = tmp_path / "real"
+    real.mkdir()
+    (real / "manifest.jsonl").write_text("".join(
+        json.dumps(r | {"file": str(tiny_chips() / r["file"]), "split": "train"}) + "\n" for r in rows))
+    gen = _pool_from(tmp_path / "gen", "valid")
+    args = ["evaluate-samples", "--generated", str(gen), "--real", str(real), "--device", "cpu"]
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert "has no val split" in res.output and "two-sample accuracy" in res.output
+    s = json.loads((tmp_path / "rep" / "sample_quality.json").read_text())
+    assert s["features"].startswith("tf_efficientnet_lite0") and s["judge"] is None
+    assert s["n"]["real"] + s["n"]["train"] == len(rows) and 0 < s["n"]["real"] < len(rows) / 2
+    ts = s["overall"]["two_sample"]
+    assert ts["interval_generated"][0] <= ts["generated"] <= ts["interval_generated"][1]
+    md = (tmp_path / "rep" / "sample_quality.md").read_text()
+    assert "has no val split" in md and "two-sample classifier accuracy" in md and "| phylum |" not in md
+    judge_dir, _ = tiny_judge()
+    res = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "rep2"), "--judge", str(judge_dir)])
+    assert res.exit_code == 0, res.output
+    s2 = json.loads((tmp_path / "rep2" / "sample_quality.json").read_text())
+    assert s2["overall"]["fd"] == s["overall"]["fd"]  # same features (from the content cache), same split
+    assert s2["accuracy_per_level"]["phylum"]["generated"]["n"] == s2["n"]["generated"]
+    assert (tmp_path / "rep2" / "best_worst.png").is_file()

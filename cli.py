@@ -243,119 +243,94 @@ def demo_cmd(
 # --- train / generate (diffusion) ------------------------------------------------------------
 @app.command("train")
 def train_cmd(
-    config: Path = typer.Option(Path("configs/train/aquarium-small.yaml"), help="train config YAML (configs/train/)"),
+    config: Path | None = typer.Option(None, help="train config YAML (configs/train/; its `backend` picks pixel, "
+                                       "incontext or latent); with --add-taxa a configs/continual/*.yaml"),
     out: Path = typer.Option(..., help="model folder; rerunning the same command resumes from its checkpoints"),
-    chips: Path | None = typer.Option(None, "--chips", "--data", help="chips folder (manifest.jsonl); overrides `chips:` in the config"),
+    chips: Path | None = typer.Option(None, "--chips", "--data", help="training data (chips folder, or data.yaml for "
+                                      "incontext); overrides the config's and is recorded in the saved config"),
     from_model: Path | None = typer.Option(None, "--from", help="trained model to extend with new taxa (with --add-taxa)"),
-    add_taxa: Path | None = typer.Option(None, help="taxonomy file of the taxa to add (configs/continual/*.yaml as --config)"),
-    preset: str | None = typer.Option(None, help="tiny | small | base | large"),
-    mode: str | None = typer.Option(None, help="progressive | flat"),
-    steps_per_stage: int | None = typer.Option(None),
+    add_taxa: Path | None = typer.Option(None, help="taxonomy file of the taxa to add"),
+    preset: str | None = typer.Option(None, help="tiny | small | base | large (pixel, incontext)"),
+    mode: str | None = typer.Option(None, help="progressive | flat (pixel, incontext)"),
+    steps_per_stage: int | None = typer.Option(None, help="refused when the config sets each stage's steps"),
     device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]"),
     threads: int | None = typer.Option(None, help="CPU threads"),
 ) -> None:
-    """Train the taxonomy-conditioned diffusion model (every progressive stage in one command)."""
+    """Train a generator (every progressive stage in one command), or with --add-taxa extend one."""
     from synthgen.errors import SynthgenError
-    from synthgen.latent.config import config_backend
-    from synthgen.train import TrainConfig, train
+    from synthgen.generator import load_train_config, train_generator
 
-    if from_model is not None or add_taxa is not None:
-        _add_taxa(from_model, add_taxa, chips, out, config, device, threads)
-        return
-    if config_backend(config) == "latent":  # LoRA on pretrained Stable Diffusion (docs/latent.md)
-        _train_latent(config, chips, out, device, threads)
-        return
     _refuse(out, chips, config, from_model, add_taxa, what="model folder")
+    if from_model is not None or add_taxa is not None:
+        _add_taxa(from_model, add_taxa, chips, out, config, device, threads, preset=preset, mode=mode,
+                  steps_per_stage=steps_per_stage)
+        return
     try:
-        cfg = TrainConfig.from_yaml(config, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
-                                    device=device, threads=threads)
-        _refuse(out, cfg.chips, what="model folder")
-        res = train(cfg, out, chips=chips)
+        cfg = load_train_config(config, data=chips, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
+                                device=device, threads=threads)
+        _refuse(out, getattr(cfg, "chips", None), getattr(cfg, "data", None), what="model folder")
+        res = train_generator(cfg, out)
     except SynthgenError as e:
         _fail(e)
-    console.print(f"trained {res.steps} steps in {res.seconds / 60:.1f} min, final loss {res.final_loss:.4f} "
-                  f"-> {res.out} (loss plot {res.out / 'loss.png'})")
+    console.print(f"trained {res.steps} steps in {res.seconds / 60:.1f} min, final loss {res.final_loss:.4f} -> {out}"
+                  + (f" (loss plot {out / 'loss.png'})" if (out / "loss.png").exists() else ""))
+
+
+@app.command("upgrade-model")
+def upgrade_model_cmd(folder: Path = typer.Argument(..., help="model folder written before model_index.json")) -> None:
+    """Give a model folder from an older synthgen its index (model_index.json); weights are untouched."""
+    from synthgen.errors import SynthgenError
+    from synthgen.generator import upgrade_model
+
+    try:
+        kind = upgrade_model(folder)
+    except SynthgenError as e:
+        _fail(e)
+    console.print(f"{folder}: a {kind!r} model folder -> {folder / 'model_index.json'}")
 
 
 @app.command("generate")
 def generate_cmd(
-    model: Path = typer.Option(..., help="model folder from `synthgen train`"),
+    model: Path = typer.Option(..., help="model folder from `synthgen train` (any kind: its model_index.json says)"),
     taxon: str = typer.Option(..., help="taxon at any rank (scientific or common name, or dataset label)"),
-    n: int = typer.Option(..., help="number of chips (a rerun continues up to n)"),
+    n: int = typer.Option(..., help="number of images (a rerun continues up to n)"),
     out: Path = typer.Option(..., help="pool folder: <taxon>/*.png + manifest.jsonl"),
-    sampler: str = typer.Option("ddim", help="ddim | dpm | euler"),
-    steps: int = typer.Option(25),
-    guidance: str = typer.Option("taxonomic", help="taxonomic | cfg | none"),
-    scale: float = typer.Option(2.0, help="guidance scale w"),
-    reference: str = typer.Option("parent", help="taxonomic reference: parent | root | a level name"),
-    window: str = typer.Option("0.0,1.0", help="fraction of steps where guidance applies, e.g. 0.0,0.6"),
-    even: bool = typer.Option(False, help="above the leaves: sample trained taxa evenly, not by counts"),
-    batch_size: int = typer.Option(64),
-    device: str = typer.Option("auto"),
-    seed: int = typer.Option(0),
-    grid: bool = typer.Option(False, help="write a contact sheet per taxon under OUT/grids/"),
-    cache_interval: int = typer.Option(1, help="DeepCache: full UNet every N-th step, deep features reused "
-                                               "between (1 = exact sampling)"),
-    window_from_branch_points: bool = typer.Option(
-        False, help="per taxon, guide from the step where it branches from its reference (the model's "
-                    "branch_points.json, `synthgen branch-points`); --window where there is none"),
+    config: Path | None = typer.Option(None, help="generate YAML of the model's kind (e.g. configs/latent/"
+                                       "generate-512.yaml); flags override it"),
+    sampler: str | None = typer.Option(None, help="ddim | dpm | euler (latent also dpm++ | euler_a | pndm | ddpm)"),
+    steps: int | None = typer.Option(None),
+    guidance: str | None = typer.Option(None, help="taxonomic | cfg | none (default: the model kind's)"),
+    scale: float | None = typer.Option(None, help="guidance scale w (default: the model kind's)"),
+    reference: str | None = typer.Option(None, help="taxonomic reference: parent | root | a level name"),
+    window: str | None = typer.Option(None, help="fraction of steps where guidance applies, e.g. 0.0,0.6"),
+    even: bool | None = typer.Option(None, help="above the leaves: sample trained taxa evenly, not by counts (pixel)"),
+    batch_size: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]"),
+    seed: int | None = typer.Option(None),
+    grid: bool | None = typer.Option(None, help="write a contact sheet per taxon under OUT/grids/ (pixel)"),
+    cache_interval: int | None = typer.Option(None, help="DeepCache (pixel): full UNet every N-th step, deep "
+                                              "features reused between (1 = exact sampling)"),
+    window_from_branch_points: bool | None = typer.Option(
+        None, help="pixel: per taxon, guide from the step where it branches from its reference (the model's "
+                   "branch_points.json, `synthgen branch-points`); --window where there is none"),
 ) -> None:
-    """Generate labelled chips of a taxon; resumable, every image reproducible from its seed."""
-    from pydantic import ValidationError
-
+    """Generate labelled instances of a taxon with any generator kind; resumable, each image reproducible from its seed."""
     from synthgen.errors import SynthgenError
-    from synthgen.guidance import GuidanceConfig
-    from synthgen.pipelines import GenerateConfig, generate
+    from synthgen.generator import load_generator
 
-    _refuse(out, model, what="pool folder")
-    if (model / "latent_model.json").is_file():  # a latent (Stable Diffusion + LoRA) model folder
-        if cache_interval != 1 or window_from_branch_points:
-            _fail(SynthgenError("--cache-interval and --window-from-branch-points are for pixel models only"))
-        _generate_latent(model, taxon, n, out, sampler, steps, guidance, scale, reference, window, batch_size,
-                         device, seed)
-        return
+    _refuse(out, model, config, what="pool folder")
     try:
-        w = tuple(float(v) for v in window.split(","))
-        gcfg = GenerateConfig(sampler=sampler, steps=steps, batch_size=batch_size, device=device, seed=seed,
-                              even=even, grid=grid, cache_interval=cache_interval,
-                              window_from_branch_points=window_from_branch_points,
-                              guidance=GuidanceConfig(mode=guidance, scale=scale, reference=reference, window=w))
-        res = generate(model, taxon, n, out, gcfg)
-    except (SynthgenError, ValidationError, ValueError) as e:
-        _fail(e)
-    grids = f", grids: {', '.join(str(p) for p in res.grids)}" if res.grids else ""
-    console.print(f"{res.written} chips written, {res.already} already done in {res.seconds:.1f}s "
-                  f"-> {res.out / 'manifest.jsonl'}{grids}")
-
-
-def _train_latent(config: Path, chips: Path | None, out: Path, device: str | None, threads: int | None) -> None:
-    """`backend: latent` train configs: LoRA (+ per-rank modules) on pretrained Stable Diffusion."""
-    from synthgen.errors import SynthgenError
-    from synthgen.latent import LatentTrainConfig, train_latent
-
+        w = tuple(float(v) for v in window.split(",")) if window is not None else None
+    except ValueError:
+        _fail(SynthgenError(f"--window {window}: expected two fractions such as 0.0,0.6"))
     try:
-        cfg = LatentTrainConfig.from_yaml(config)
-        cfg = cfg.model_copy(update={k: v for k, v in {"device": device, "threads": threads}.items() if v})
-        res = train_latent(cfg, chips, out)
+        gen = load_generator(model, device=device or "auto")  # reads the index; weights load when needed
+        guide = {k: v for k, v in dict(mode=guidance, scale=scale, reference=reference, window=w).items() if v is not None}
+        cfg = gen.config_class.from_yaml(config, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                                         seed=seed, even=even, grid=grid, cache_interval=cache_interval,
+                                         window_from_branch_points=window_from_branch_points, guidance=guide or None)
+        res = gen.generate(taxon, n, out, cfg)
     except SynthgenError as e:
-        _fail(e)
-    console.print(res.summary(), soft_wrap=True)
-
-
-def _generate_latent(model: Path, taxon: str, n: int, out: Path, sampler: str, steps: int, guidance: str, scale: float,
-                     reference: str, window: str, batch_size: int, device: str, seed: int) -> None:
-    """Latent model folders: full frames at the model's resolution, then each animal cut out as a chip."""
-    from pydantic import ValidationError
-
-    from synthgen.errors import SynthgenError
-    from synthgen.latent import LatentGenerateConfig, generate_latent
-
-    try:
-        w = tuple(float(v) for v in window.split(","))
-        cfg = LatentGenerateConfig(sampler=sampler, steps=steps, batch_size=min(batch_size, 8), device=device, seed=seed,
-                                   guidance={"mode": guidance, "scale": scale, "reference": reference, "window": w})
-        res = generate_latent(model, taxon, n, out, cfg)  # batch capped: 512-1024 px frames, not 64 px chips
-    except (SynthgenError, ValidationError, ValueError) as e:
         _fail(e)
     console.print(res.summary(), soft_wrap=True)
 
@@ -644,17 +619,18 @@ def benchmark_cmd(
 
 
 # --- continual / transmute / branch points ---------------------------------------------------
-def _add_taxa(base: Path | None, taxa: Path | None, data: Path | None, out: Path, config: Path, device: str | None,
-              threads: int | None) -> None:
-    """`synthgen train --from MODEL --add-taxa FILE --data DIR`: tune new taxa into a trained model."""
+def _add_taxa(base: Path | None, taxa: Path | None, data: Path | None, out: Path, config: Path | None,
+              device: str | None, threads: int | None, **pixel_only) -> None:
+    """`synthgen train --from MODEL --add-taxa FILE --data DIR [--config C]`: tune new taxa into a trained model."""
     from synthgen.continual import ContinualConfig, add_taxa
     from synthgen.errors import SynthgenError
 
     if base is None or data is None:
         _fail(SynthgenError("--add-taxa needs --from MODEL and --data CHIPS (the new taxa's chips)"))
+    if given := [f"--{k.replace('_', '-')}" for k, v in pixel_only.items() if v is not None]:
+        _fail(SynthgenError(f"{', '.join(given)}: not for --add-taxa (the base model fixes them)"))
     try:
-        cfg = (ContinualConfig.from_yaml(config, device=device, threads=threads) if "continual" in config.parts
-               else ContinualConfig(**{k: v for k, v in {"device": device, "threads": threads}.items() if v}))
+        cfg = ContinualConfig.from_yaml(config, device=device, threads=threads)
         res = add_taxa(base, data, out, taxa, cfg)
     except SynthgenError as e:
         _fail(e)
@@ -670,27 +646,26 @@ def transmute_cmd(
     out: Path = typer.Option(..., help="pool folder: <taxon>/*.png + manifest.jsonl"),
     from_taxon: str | None = typer.Option(None, help="taxon of the source chip (looks up the pair's branch point)"),
     n: int = typer.Option(1, help="number of variants (a rerun continues up to n)"),
-    method: str = typer.Option("inversion", help="inversion (DDIM, keeps the chip's layout) | noise (seeded)"),
+    config: Path | None = typer.Option(None, help="transmute YAML (TransmuteConfig fields); flags override it"),
+    method: str | None = typer.Option(None, help="inversion (DDIM, keeps the chip's layout; default) | noise (seeded)"),
     strength: float | None = typer.Option(None, help="t/T to noise to; default: the branch point"),
-    steps: int = typer.Option(50, help="DDIM steps over the full schedule"),
-    guidance: str = typer.Option("taxonomic", help="taxonomic | cfg | none"),
-    scale: float = typer.Option(2.0),
-    seed: int = typer.Option(0),
-    device: str = typer.Option("auto"),
+    steps: int | None = typer.Option(None, help="DDIM steps over the full schedule (default 50)"),
+    guidance: str | None = typer.Option(None, help="taxonomic (default) | cfg | none"),
+    scale: float | None = typer.Option(None, help="guidance scale (default 2.0)"),
+    seed: int | None = typer.Option(None),
+    device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]"),
 ) -> None:
     """Turn a real instance of one taxon into another taxon in the same pose and light."""
-    from pydantic import ValidationError
-
     from synthgen.errors import SynthgenError
-    from synthgen.guidance import GuidanceConfig
     from synthgen.transmute import TransmuteConfig, transmute
 
-    _refuse(out, model, from_image, what="pool folder")
+    _refuse(out, model, from_image, config, what="pool folder")
     try:
-        cfg = TransmuteConfig(method=method, strength=strength, steps=steps, seed=seed, device=device,
-                              guidance=GuidanceConfig(mode=guidance, scale=scale))
+        guide = {k: v for k, v in dict(mode=guidance, scale=scale).items() if v is not None}
+        cfg = TransmuteConfig.from_yaml(config, method=method, strength=strength, steps=steps, seed=seed, device=device,
+                                        guidance=guide or None)
         rows = transmute(model, from_image, to_taxon, out, from_taxon=from_taxon, cfg=cfg, n=n)
-    except (SynthgenError, ValidationError) as e:
+    except SynthgenError as e:
         _fail(e)
     console.print(f"{len(rows)} transmutation(s) to {rows[0]['taxon']} from t={rows[0]['t_start']} "
                   f"({rows[0]['t_source']}) -> {out / 'manifest.jsonl'}")

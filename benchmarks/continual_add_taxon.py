@@ -125,8 +125,9 @@ def main() -> None:
     import torch
 
     from detection.chips import ChipConfig, make_chips, subset_chips
-    from synthgen.continual import ContinualConfig, add_taxa, load_model_folder, sample_taxa
+    from synthgen.continual import ContinualConfig, add_taxa, sample_taxa
     from synthgen.io_utils import write_json
+    from synthgen.models.delta import load_model_folder
     from synthgen.scoring import JudgeConfig, JudgeScorer, train_judge
     from synthgen.train import TrainConfig, train
 

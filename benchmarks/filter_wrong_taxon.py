@@ -16,13 +16,13 @@ from pathlib import Path
 from synthgen.filter import FilterConfig, filter_pool
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.scoring import JudgeScorer, Pool
-from synthgen.scoring.judge import _val_split
+from synthgen.scoring.judge import held_out_split
 
 
 def build_pool(chips: Path, work: Path) -> Path:
     """Right- and wrong-labelled copies (hard links) of the held-out chips; the chips stay untouched."""
     src = Pool.load(chips)
-    split = _val_split(src.rows)
+    split = held_out_split(src.rows)
     rows = [r for r in src.rows if r.get("split") == split]
     labels = sorted({r["label"] for r in rows})
     info = {r["label"]: (r["taxon"], r["lineage"]) for r in src.rows}

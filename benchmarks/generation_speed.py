@@ -32,7 +32,8 @@ from synthgen.device import resolve_device
 from synthgen.guidance import GuidanceConfig, combine, reference_codes
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.models import ConditionedUNet, TaxonVocab
-from synthgen.pipelines import GuidedSampler, load_model, make_scheduler
+from synthgen.pipelines import GuidedSampler, load_model
+from synthgen.schedulers import make_scheduler
 from synthgen.train.trainer import DDPMScheduler
 
 RESULTS = Path(__file__).parent / "results"

@@ -32,7 +32,7 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-12)
 
 
-def _match(pred: np.ndarray, gt: np.ndarray, thr: float) -> np.ndarray:
+def match_boxes(pred: np.ndarray, gt: np.ndarray, thr: float) -> np.ndarray:
     """COCO greedy matching: predictions by descending score each take the best-IoU unmatched gt.
 
     `pred` must already be sorted by score (descending). Returns a bool TP flag per prediction."""
@@ -139,7 +139,7 @@ def evaluate(
                 per_img.append((p.score.to_numpy(float), p[XYXY].to_numpy(float), g))
         scores = np.concatenate([s for s, _, _ in per_img] or [np.zeros(0)])
         for ti, thr in enumerate(IOU_THRESHOLDS):
-            tp = np.concatenate([_match(b, g, thr) for _, b, g in per_img] or [np.zeros(0, dtype=bool)])
+            tp = np.concatenate([match_boxes(b, g, thr) for _, b, g in per_img] or [np.zeros(0, dtype=bool)])
             ap[ci, ti] = _ap_from_flags(scores, tp, n_gt_cls[c])
 
     # PRF1 + counts at the operating point
@@ -149,7 +149,7 @@ def evaluate(
     for k, p in o_by.items():
         g = g_by[k][XYXY].to_numpy(float) if k in g_by else np.zeros((0, 4))
         p = p.sort_values("score", ascending=False, kind="mergesort")
-        t = _match(p[XYXY].to_numpy(float), g, iou_prf)
+        t = match_boxes(p[XYXY].to_numpy(float), g, iou_prf)
         tp_n += int(t.sum())
         fp_n += int((~t).sum())
     n_gt_all = len(gt)

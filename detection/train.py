@@ -369,7 +369,7 @@ class DetectorTrainConfig(YamlConfig):
 
 
 
-def _ultra_device(device: str) -> str:
+def ultralytics_device(device: str) -> str:
     if device == "auto":
         return "0" if torch.cuda.is_available() else "cpu"
     if device != "cpu" and not torch.cuda.is_available():
@@ -456,7 +456,7 @@ def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool 
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(started, wanted)
     data = _prepare_data(cfg, out_dir)
-    device = _ultra_device(cfg.device)
+    device = ultralytics_device(cfg.device)
     last = out_dir / "weights" / "last.pt"
     on_cuda = device != "cpu"
     args = dict(

@@ -127,13 +127,12 @@ def _first_merge(ts: list[int], ratio: list[float], tol: float) -> int:
 
 def branch_points(model_dir: str | Path, chips: str | Path, progress: bool = True, **kw) -> Path:
     """Compute branch points with the model's noise schedule and size; write them into the model folder."""
+    from synthgen.generator import read_index
+    from synthgen.schedulers import read_scheduler_config
+
     model_dir = Path(model_dir)
-    sched_file = model_dir / "scheduler" / "scheduler_config.json"
-    enc_file = model_dir / "taxonomy_encoder.json"
-    if not sched_file.exists() or not enc_file.exists():
-        raise SynthgenError(f"{model_dir}: not a synthgen model folder (missing {sched_file.name} or {enc_file.name})")
-    size = _sample_size(model_dir)
-    result = compute_branch_points(chips, json.loads(sched_file.read_text(encoding="utf-8")), size,
+    read_index(model_dir)
+    result = compute_branch_points(chips, read_scheduler_config(model_dir), _sample_size(model_dir),
                                    progress=progress, **kw)
     out = model_dir / BRANCH_FILE
     write_json(out, result)
@@ -145,7 +144,7 @@ def _sample_size(model_dir: Path) -> int:
     cfg = model_dir / "unet" / "config.json"
     if cfg.exists():
         return int(json.loads(cfg.read_text(encoding="utf-8"))["sample_size"])
-    from synthgen.continual import load_model_folder
+    from synthgen.models.delta import load_model_folder
 
     return load_model_folder(model_dir).sample_size
 

@@ -10,10 +10,8 @@ with biases/norms tuned, a distillation term keeps old taxa's predictions on the
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
-import math
 import os
 import shutil
 import time
@@ -33,14 +31,37 @@ from tqdm.auto import tqdm
 from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import SynthgenError
+from synthgen.generator import generator_class, write_index
 from synthgen.io_utils import atomic_write, write_json
-from synthgen.models import ConditionedUNet, TaxonomyEncoder, TaxonVocab
+from synthgen.models import ConditionedUNet
+from synthgen.models.delta import (
+    DELTA_FILE,
+    MANIFEST_FILE,
+    apply_delta,
+    delta_state,
+    extend_model,
+    extend_vocab,
+    is_delta_folder,
+    load_model_folder,
+    model_id,
+    old_sizes_of,
+)
 from synthgen.models.prediction import training_target
+from synthgen.schedulers import read_scheduler_config
 from synthgen.train.data import load_chips
-from synthgen.train.trainer import _gen, _opt_state_from_tensors, _opt_state_to_tensors, drop_conditions
+from synthgen.train.trainer import drop_conditions
+from synthgen.training import (
+    fingerprint,
+    optimizer_tensors,
+    restore_optimizer,
+    resume_state,
+    seeded_generator,
+    set_lr,
+    warmup_cosine,
+    write_checkpoint,
+)
 
 TuneMode = Literal["rows", "rows+bias", "rows+bias+norm", "full"]
-DELTA_FILE, MANIFEST_FILE = "delta.safetensors", "continual.json"
 
 
 class ContinualConfig(YamlConfig):
@@ -75,124 +96,6 @@ class AddTaxaResult:
     delta_bytes: int
     base_bytes: int
     seconds: float
-
-
-# ---------------------------------------------------------------------------------------------
-# loading base + delta
-
-
-def is_delta_folder(folder: str | Path) -> bool:
-    return (Path(folder) / MANIFEST_FILE).exists()
-
-
-def _base_path(folder: Path, meta: dict) -> Path:
-    """The base folder: relative to the delta folder first (both moved together), else absolute."""
-    for cand in (folder / meta["base_relative"], Path(meta["base"])):
-        if (cand / "synthgen_model.json").exists():
-            return cand.resolve()
-    raise SynthgenError(
-        f"{folder / MANIFEST_FILE}: base model folder not found at {meta['base']} "
-        f"(nor {meta['base_relative']} relative to {folder}); put the base folder back or retrain"
-    )
-
-
-def model_id(folder: str | Path) -> str:
-    meta = Path(folder) / "synthgen_model.json"
-    if not meta.exists():
-        raise SynthgenError(f"{meta}: missing; {folder} is not a complete synthgen model folder")
-    return json.loads(meta.read_text(encoding="utf-8"))["id"]
-
-
-def load_model_folder(folder: str | Path) -> ConditionedUNet:
-    """A model folder from `synthgen train` or an extended (delta) folder from `add_taxa`, on CPU."""
-    folder = Path(folder)
-    if not is_delta_folder(folder):
-        return ConditionedUNet.load(folder)
-    meta = json.loads((folder / MANIFEST_FILE).read_text(encoding="utf-8"))
-    base = _base_path(folder, meta)
-    if model_id(base) != meta["base_id"]:
-        raise SynthgenError(
-            f"{folder / MANIFEST_FILE}: base model {base} changed since the taxa were added "
-            f"(id {model_id(base)} != {meta['base_id']}); add the taxa again"
-        )
-    model = load_model_folder(base)  # the base may itself be an extended folder
-    enc_cfg = json.loads((folder / "taxonomy_encoder.json").read_text(encoding="utf-8"))
-    model = extend_model(model, TaxonVocab.from_dict(enc_cfg["vocab"]))
-    apply_delta(model, load_file(str(folder / DELTA_FILE)), meta["old_sizes"])
-    return model
-
-
-def extend_vocab(old: TaxonVocab, lineages: list[dict[str, str]]) -> TaxonVocab:
-    """Old names keep their indices; new names are appended per level; new levels slot in by order."""
-    from taxonomy.spec import is_level, level_sort_key
-
-    added = sorted({lv for lin in lineages for lv, name in lin.items() if name and lv not in old.levels})
-    if all(is_level(lv) for lv in [*old.levels, *added]):  # taxonomy level names fix the order
-        levels = list(old.levels)
-        for lv in sorted(added, key=level_sort_key):
-            pos = sum(1 for o in levels if level_sort_key(o) < level_sort_key(lv))
-            levels.insert(pos, lv)
-    else:  # free-form level names: order by where they appear in the lineages
-        order = TaxonVocab.from_lineages([{lv: "x" for lv in old.levels}, *lineages]).levels
-        levels = [lv for lv in order if lv in old.levels or lv in added]
-    if [lv for lv in levels if lv in old.levels] != old.levels:
-        raise SynthgenError(f"new taxa reorder the model's levels {old.levels} (got {levels}); check their lineages")
-    names = {}
-    for lv in levels:
-        known = list(old.names.get(lv, []))
-        names[lv] = known + sorted({lin[lv] for lin in lineages if lin.get(lv)} - set(known))
-    return TaxonVocab(levels=levels, names=names)
-
-
-def extend_model(model: ConditionedUNet, vocab: TaxonVocab) -> ConditionedUNet:
-    """A copy whose encoder has `vocab`'s tables: old rows copied by level name, new rows zero
-    (an untrained new taxon is conditioned like its known ancestors)."""
-    old_enc, old_vocab = model.encoder, model.vocab
-    enc = TaxonomyEncoder(vocab.level_sizes, old_enc.dim, old_enc.use_mlp)
-    with torch.no_grad():
-        for i, lv in enumerate(vocab.levels):
-            enc.tables[i].weight.zero_()
-            if lv in old_vocab.levels:
-                j = old_vocab.levels.index(lv)
-                n = old_vocab.level_sizes[j]
-                if vocab.names[lv][: n - 1] != old_vocab.names[lv]:
-                    raise SynthgenError(f"vocabulary of level {lv!r} does not extend the model's (old indices moved)")
-                enc.tables[i].weight[:n] = old_enc.tables[j].weight
-        if old_enc.mlp is not None:
-            enc.mlp.load_state_dict(old_enc.mlp.state_dict())
-    return ConditionedUNet(copy.deepcopy(model.unet), enc, vocab)
-
-
-def old_sizes_of(base: ConditionedUNet) -> dict[str, int]:
-    return dict(zip(base.vocab.levels, base.vocab.level_sizes, strict=True))
-
-
-def apply_delta(model: ConditionedUNet, delta: dict[str, torch.Tensor], old_sizes: dict[str, int]) -> None:
-    """Write stored new rows (`rows.<level>`) and tuned tensors (`param.<name>`) into `model`."""
-    params = dict(model.named_parameters())
-    with torch.no_grad():
-        for key, value in delta.items():
-            kind, name = key.split(".", 1)
-            if kind == "rows":
-                table = model.encoder.tables[model.vocab.levels.index(name)].weight
-                table[old_sizes.get(name, 0):] = value.to(table.dtype)
-            elif kind == "param":
-                params[name].copy_(value.to(params[name].dtype))
-            else:
-                raise SynthgenError(f"unknown delta entry {key!r}")
-
-
-def delta_state(model: ConditionedUNet, old_sizes: dict[str, int], tuned: list[str]) -> dict[str, torch.Tensor]:
-    """Only what changed: new rows per level (whole table for a new level) + the tuned tensors."""
-    out = {}
-    for lv, table in zip(model.vocab.levels, model.encoder.tables, strict=True):
-        n_old = old_sizes.get(lv, 0)
-        if table.weight.shape[0] > n_old:
-            out[f"rows.{lv}"] = table.weight[n_old:].detach().cpu().contiguous().clone()
-    params = dict(model.named_parameters())
-    for name in tuned:
-        out[f"param.{name}"] = params[name].detach().cpu().contiguous().clone()
-    return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -302,9 +205,8 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
     old_codes = torch.tensor([vocab.encode(c["lineage"]) for c in trained.values()], dtype=torch.long)
 
     tuned = tuned_names(model, cfg.tune)
-    fp = hashlib.sha256(json.dumps({"base": model_id(base), "vocab": vocab.to_dict(), "n": len(keep),
-                                    "cfg": cfg.model_dump(exclude={"device", "threads", "log_every"})},
-                                   sort_keys=True, default=str).encode()).hexdigest()[:16]
+    fp = fingerprint({"base": model_id(base), "vocab": vocab.to_dict(), "n": len(keep),
+                      "cfg": cfg.model_dump(exclude={"device", "threads", "log_every"})})
     params = dict(model.named_parameters())
     for p in model.parameters():
         p.requires_grad_(False)
@@ -320,8 +222,7 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
         for p in teacher.parameters():
             p.requires_grad_(False)
     del base_model
-    sched_cfg = json.loads((base / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
-    noise_sched = DDPMScheduler.from_config(sched_cfg)
+    noise_sched = DDPMScheduler.from_config(read_scheduler_config(base))
     T = noise_sched.config.num_train_timesteps
     alphas = noise_sched.alphas_cumprod.to(device)
     ptype = noise_sched.config.prediction_type  # the base model's parameterisation
@@ -336,36 +237,25 @@ def add_taxa(base: str | Path, data: str | Path, out: str | Path, taxa_file: str
             print(f"already extended: {out}")
             return AddTaxaResult(out, meta["new_taxa"], meta["steps"], meta["final_loss"], meta["delta_bytes"],
                                  meta["base_bytes"], 0.0)
-        raise SynthgenError(f"{out}: holds an extension made with other data or settings; use another --out")
+        raise SynthgenError(f"{out}: holds an extension made with a different model, data or settings; use another --out")
     ck = ckdir / "last"
-    if (ck / "state.json").exists():
-        state = json.loads((ck / "state.json").read_text(encoding="utf-8"))
-        if state["fingerprint"] != fp:
-            raise SynthgenError(f"{ck}: checkpoint is from other data or settings; use a new --out or delete {ckdir}")
+    if (state := resume_state(ck, fp)) is not None:
         apply_delta(model, {k: v.to(device) for k, v in load_file(str(ck / DELTA_FILE)).items()}, old_sizes)
-        opt.load_state_dict(_opt_state_from_tensors(load_file(str(ck / "optimizer.safetensors")), state["optimizer"]))
+        restore_optimizer(opt, load_file(str(ck / "optimizer.safetensors")), state["optimizer"])
         step, losses = state["step"], state["losses"]
         print(f"resuming from {ck} (step {step}/{cfg.steps})")
 
     def checkpoint() -> None:
-        tmp = ckdir / ".tmp-last"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        save_file(delta_state(model, old_sizes, tuned), str(tmp / DELTA_FILE))
-        tensors, meta = _opt_state_to_tensors(opt)
-        save_file(tensors, str(tmp / "optimizer.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({"step": step, "fingerprint": fp, "optimizer": meta, "losses": losses}))
-        shutil.rmtree(ck, ignore_errors=True)
-        os.replace(tmp, ck)
+        tensors, meta = optimizer_tensors(opt)
+        write_checkpoint(ck, {DELTA_FILE: delta_state(model, old_sizes, tuned), "optimizer.safetensors": tensors},
+                         {"step": step, "fingerprint": fp, "optimizer": meta, "losses": losses})
 
     t0, run_loss, run_n = time.time(), 0.0, 0
     bar = tqdm(total=cfg.steps, initial=step, disable=not progress, desc=f"add {len(new)} taxa ({cfg.tune})", unit="step")
     while step < cfg.steps:
-        lr = cfg.lr * min(1.0, (step + 1) / max(1, cfg.warmup_steps))
-        lr *= 0.5 * (1 + math.cos(math.pi * step / cfg.steps)) * 0.9 + 0.1
-        for group in opt.param_groups:
-            group["lr"] = lr
-        g = _gen(cfg.seed, step, 0, 0)
+        lr = warmup_cosine(cfg.lr, step, cfg.steps, cfg.warmup_steps)
+        set_lr(opt, lr)
+        g = seeded_generator(cfg.seed, step, 0, 0)
         idx = batch_indices(is_new, cfg.batch_size, cfg.new_share, g)
         x0 = images[idx].float().div(127.5).sub(1.0)
         flip = torch.rand(len(idx), generator=g) < 0.5
@@ -463,6 +353,7 @@ def _write_delta_folder(model, base, out, vocab, old_sizes, tuned, new, new_coun
     h.update((out / DELTA_FILE).read_bytes())
     write_json(out / "synthgen_model.json", {"id": h.hexdigest()[:16], "steps": cfg.steps, "final_loss": final_loss,
                                              "backend": "pixel", "base": base_id})
+    write_index(out, "pixel", generator_class("pixel"))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -517,7 +408,7 @@ def old_taxa_report(base: str | Path, extended: str | Path, chips: str | Path, n
     """Judge accuracy of generated old-taxa samples before/after the extension, and how far they moved."""
     base, extended = Path(base), Path(extended)
     trained = json.loads((base / "taxon_counts.json").read_text(encoding="utf-8"))
-    sched_cfg = json.loads((base / "scheduler" / "scheduler_config.json").read_text(encoding="utf-8"))
+    sched_cfg = read_scheduler_config(base)
     m0, m1 = load_model_folder(base), load_model_folder(extended)
     real = load_chips(chips, m0.sample_size, None)
     judge = CentroidJudge(real.images, real.taxa)

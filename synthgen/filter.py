@@ -158,9 +158,9 @@ def decide(rows: list[dict], scores: dict[str, dict], emb: np.ndarray, key: str,
 
 def held_out_rows(reference: Pool) -> list[dict]:
     """The reference's real held-out chips (its val/valid split), or none."""
-    from synthgen.scoring.judge import _val_split
+    from synthgen.scoring.judge import held_out_split
 
-    split = _val_split(reference.rows)
+    split = held_out_split(reference.rows)
     return [r for r in reference.rows if r.get("split") == split] if split else []
 
 

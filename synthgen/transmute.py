@@ -8,31 +8,34 @@ is kept and what tells A from B is redrawn. Output: PNG + a manifest row like `g
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Literal
 
 import numpy as np
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 
 from synthgen.branching import branch_time, load_branch_points
-from synthgen.continual import load_model_folder, model_id
+from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import SynthgenError
+from synthgen.generator import read_index
 from synthgen.guidance import GuidanceConfig, combine, reference_codes
 from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
 from synthgen.models import ConditionedUNet
+from synthgen.models.delta import load_model_folder, model_id
 from synthgen.models.prediction import eps_and_x0
-from synthgen.pipelines.generate import _slug, image_seed, resolve_targets
-from synthgen.pipelines.sampling import make_scheduler
+from synthgen.pipelines.generate import image_seed, resolve_targets, slug
+from synthgen.schedulers import make_scheduler, read_scheduler_config
 
 
-class TransmuteConfig(BaseModel):
+class TransmuteConfig(YamlConfig):
+    """How a chip is turned into another taxon (YAML or `synthgen transmute` flags)."""
+
     model_config = ConfigDict(extra="forbid")
     method: Literal["inversion", "noise"] = "inversion"
-    steps: int = 50  # DDIM steps over the whole schedule; only those below the branch time run
+    steps: int = Field(50, ge=1)  # DDIM steps over the whole schedule; only those below the branch time run
     strength: float | None = Field(None, ge=0.0, le=1.0)  # t/T override; else the branch point
     default_strength: float = Field(0.5, ge=0.0, le=1.0)  # when no branch point is known for the pair
     guidance: GuidanceConfig = GuidanceConfig()
@@ -119,10 +122,8 @@ def transmute(model_dir: str | Path, image: str | Path, to_taxon: str, out: str 
     model_dir, image, out = Path(model_dir), Path(image), Path(out)
     if not image.exists():
         raise SynthgenError(f"{image}: image not found")
-    sched_file = model_dir / "scheduler" / "scheduler_config.json"
-    if not sched_file.exists():
-        raise SynthgenError(f"{sched_file}: missing; {model_dir} is not a complete synthgen model folder")
-    sched_config = json.loads(sched_file.read_text(encoding="utf-8"))
+    read_index(model_dir)
+    sched_config = read_scheduler_config(model_dir)
     to_name, to_label, to_lin = _lineage_of(model_dir, to_taxon)
     from_name, from_lin = None, {}
     if from_taxon:
@@ -138,8 +139,7 @@ def transmute(model_dir: str | Path, image: str | Path, to_taxon: str, out: str 
         else:
             t_start, source = int(round(cfg.default_strength * (T - 1))), "default_strength"
     settings = {"sampler": f"ddim-{cfg.method}", "steps": cfg.steps,
-                "guidance": {"mode": cfg.guidance.mode, "scale": cfg.guidance.scale,
-                             "reference": cfg.guidance.reference, "window": list(cfg.guidance.window)},
+                "guidance": cfg.guidance.record(),
                 "model": model_id(model_dir)}
     manifest = out / "manifest.jsonl"
     key = f"{image.resolve()}>{to_name}"
@@ -158,13 +158,13 @@ def transmute(model_dir: str | Path, image: str | Path, to_taxon: str, out: str 
     x0 = torch.from_numpy(np.array(src)).permute(2, 0, 1).float().div(127.5).sub(1.0)[None]
     codes_from = model.vocab.encode(from_lin) if from_lin else (0,) * len(model.vocab.levels)
     codes_to = model.vocab.encode(to_lin)
-    sub = _slug(to_name)
+    sub = slug(to_name)
     with JsonlAppender(manifest) as app:
         for i in todo:
             seed = image_seed(cfg.seed, key, i)
             y = transmute_tensor(model, sched_config, x0, codes_from, codes_to, t_start, cfg, seed)[0]
             arr = ((y + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy()
-            rel = f"{sub}/{_slug(image.stem)}_to_{sub}_{i:03d}.png"
+            rel = f"{sub}/{slug(image.stem)}_to_{sub}_{i:03d}.png"
             atomic_save_image(Image.fromarray(arr), out / rel)
             row = {"file": rel, "index": i, "query": key, "label": to_label, "taxon": to_name, "lineage": to_lin,
                    "seed": seed, "size": model.sample_size, **settings, "source_image": str(image.resolve()),

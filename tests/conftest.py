@@ -38,6 +38,25 @@ def configs() -> Path:
     return CONFIGS
 
 
+def _aquarium_chips(aquarium: Path, out: Path, labels=("fish", "penguin", "puffin", "stingray"), per_label: int = 6,
+                    size: int = 32) -> Path:
+    """A small real chips folder (detection.chips) of a few aquarium train labels, with taxonomy.json."""
+    from detection import read_dataset
+    from detection.chips import ChipConfig, make_chips
+
+    ds = read_dataset(aquarium, splits=["train"])
+    ds.boxes = ds.boxes[ds.boxes.label.isin(labels)]
+    make_chips(ds, out, ChipConfig(size=size, max_per_class=per_label), taxonomy=CONFIGS / "taxonomy/aquarium.csv",
+               split="train", progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def aquarium_chips(aquarium: Path):
+    """`aquarium_chips(out, labels=..., per_label=6, size=32)`: cut real aquarium chips into `out`."""
+    return lambda out, **kw: _aquarium_chips(aquarium, out, **kw)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_ultralytics_pil_patch():
     """Tests that import ultralytics directly must not leak its process-wide PIL.Image.open patch

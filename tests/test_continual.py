@@ -10,17 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from detection.chips import ChipConfig, make_chips, subset_chips
-from synthgen.continual import (
-    ContinualConfig,
-    add_taxa,
-    batch_indices,
-    extend_vocab,
-    load_model_folder,
-    old_taxa_report,
-    tuned_names,
-)
+from synthgen.continual import ContinualConfig, add_taxa, batch_indices, old_taxa_report, tuned_names
 from synthgen.errors import SynthgenError
 from synthgen.models import TaxonVocab
+from synthgen.models.delta import extend_vocab, load_model_folder
 from synthgen.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -121,18 +114,18 @@ def test_resume_after_kill_matches_uninterrupted(world, monkeypatch):
 
     a, b = world["root"] / "res-a", world["root"] / "res-b"
     add_taxa(world["base"], world["new"], a, TAXA_FILE, tiny("rows+bias"), progress=False)
-    real_gen = continual._gen
+    real_gen = continual.seeded_generator
 
     def killed(*key):
         if key[1] == 3:  # step 3 of 4, after the step-2 checkpoint
             raise KeyboardInterrupt
         return real_gen(*key)
 
-    monkeypatch.setattr(continual, "_gen", killed)
+    monkeypatch.setattr(continual, "seeded_generator", killed)
     with pytest.raises(KeyboardInterrupt):
         add_taxa(world["base"], world["new"], b, TAXA_FILE, tiny("rows+bias"), progress=False)
     assert (b / "checkpoints/last/state.json").exists() and not (b / "synthgen_model.json").exists()
-    monkeypatch.setattr(continual, "_gen", real_gen)
+    monkeypatch.setattr(continual, "seeded_generator", real_gen)
     add_taxa(world["base"], world["new"], b, TAXA_FILE, tiny("rows+bias"), progress=False)
     da, db = load_file(str(a / "delta.safetensors")), load_file(str(b / "delta.safetensors"))
     assert da.keys() == db.keys() and all(torch.equal(da[k], db[k]) for k in da)
@@ -140,7 +133,7 @@ def test_resume_after_kill_matches_uninterrupted(world, monkeypatch):
     # rerunning a finished extension is a no-op; a different config into the same folder is refused
     again = add_taxa(world["base"], world["new"], a, TAXA_FILE, tiny("rows+bias"), progress=False)
     assert again.seconds == 0.0
-    with pytest.raises(SynthgenError, match="other data or settings"):
+    with pytest.raises(SynthgenError, match="different model, data or settings"):
         add_taxa(world["base"], world["new"], a, TAXA_FILE, tiny("rows"), progress=False)
 
 

@@ -23,20 +23,17 @@ from synthgen.pipelines import GenerateConfig, GuidedSampler, generate, load_mod
 from synthgen.pipelines.generate import Target, allot
 from synthgen.train import TrainConfig, train
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_diffusion import make_chips  # noqa: E402
-
 REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
-def model_dir(aquarium, tmp_path_factory) -> Path:
+def model_dir(aquarium_chips, tmp_path_factory) -> Path:
     """A tiny model trained a few flat steps on real aquarium chips; its taxon tables are then
     randomised so that different taxa give clearly different predictions."""
     from synthgen.models import ConditionedUNet
 
     tmp = tmp_path_factory.mktemp("gen")
-    chips = make_chips(aquarium, tmp / "chips")
+    chips = aquarium_chips(tmp / "chips")
     cfg = TrainConfig(preset="tiny", image_size=32, mode="flat", steps_per_stage=2, batch_size=4, warmup_steps=1,
                       device="cpu")
     out = train(cfg, tmp / "model", chips=chips, progress=False).out
@@ -105,7 +102,7 @@ def test_fast_ddim_matches_diffusers_step(model_dir, prediction):
     """The pre-computed DDIM update equals diffusers' DDIMScheduler.step on the same model, for
     v-prediction (the default for new models) and for epsilon models trained before it."""
     from synthgen.guidance import combine
-    from synthgen.pipelines import make_scheduler
+    from synthgen.schedulers import make_scheduler
 
     model, sched_cfg = load_model(model_dir, torch.device("cpu"))
     assert (sched_cfg["prediction_type"], sched_cfg["timestep_spacing"]) == ("v_prediction", "trailing")
@@ -205,7 +202,7 @@ def _previous_ddim(model, sched_cfg, noise, codes, refs, steps, scale):
     """The guided DDIM loop as it was before the feature cache (reference for bit-identity)."""
     from synthgen.guidance import combine
     from synthgen.models.prediction import eps_and_x0
-    from synthgen.pipelines import make_scheduler
+    from synthgen.schedulers import make_scheduler
 
     s = make_scheduler("ddim", sched_cfg)
     s.set_timesteps(steps)
@@ -383,3 +380,35 @@ def test_allot_keeps_every_prefix_in_proportion():
         got = Counter(t.taxon for t in plan[:n])
         assert all(abs(got[t.taxon] - n * t.weight / 111) < 1 for t in weighted)
     assert allot(weighted, 50) == plan[:50]
+
+
+def test_generator_index_save_and_upgrade(model_dir, tmp_path):
+    """One folder format: the index names the kind, save_pretrained round-trips the weights, a folder
+    from before the index gets one line pointing at `synthgen upgrade-model`, which fixes it; bad
+    arguments are refused in one line."""
+    from typer.testing import CliRunner
+
+    from cli import app
+    from synthgen.generator import load_generator
+    from synthgen.pixel import PixelGenerator
+
+    index = json.loads((model_dir / "model_index.json").read_text())
+    assert (index["kind"], index["_class_name"], index["format_version"]) == ("pixel", "PixelGenerator", 1)
+    gen = load_generator(model_dir, device="cpu")
+    assert isinstance(gen, PixelGenerator)
+    copy = tmp_path / "copy"
+    gen.save_pretrained(copy)
+    a, b = gen.load()[0].state_dict(), load_generator(copy, device="cpu").load()[0].state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    (copy / "model_index.json").unlink()
+    with pytest.raises(SynthgenError, match=f"synthgen upgrade-model {copy}"):
+        load_generator(copy)
+    r = CliRunner().invoke(app, ["upgrade-model", str(copy)])
+    assert r.exit_code == 0 and "'pixel'" in r.output
+    assert isinstance(load_generator(copy), PixelGenerator)
+    pool = tmp_path / "pool"
+    for flags, said in [(["--n", "-3"], "at least 1"), (["--n", "2", "--guidance", "bogus"], "--guidance: mode:"),
+                        (["--n", "2", "--window", "0.8,0.2"], "--guidance: window:")]:
+        r = CliRunner().invoke(app, ["generate", "--model", str(copy), "--taxon", "fish", "--out", str(pool), *flags])
+        assert r.exit_code == 1 and said in r.output and len(r.output.strip().splitlines()) == 1, r.output
+    assert not pool.exists()

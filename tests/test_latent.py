@@ -13,23 +13,24 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from synthgen.errors import SynthgenError
+from synthgen.generator import load_generator, load_train_config
 from synthgen.io_utils import read_jsonl
 from synthgen.latent import (
     LatentGenerateConfig,
     LatentTrainConfig,
     ModelLoadError,
-    config_backend,
     generate_latent,
-    is_latent_model,
     load_sd,
     train_latent,
 )
 from synthgen.latent import train as latent_train
 from synthgen.latent.config import CutConfig
 from synthgen.latent.cutout import cut_instance
+from synthgen.latent.generator import LatentGenerator
 from synthgen.latent.loading import enable_memory_savers
 from synthgen.latent.tiny import build_tiny_sd
 from synthgen.latent.train import load_trained
+from synthgen.train import TrainConfig
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -121,7 +122,9 @@ def test_lora_safetensors_roundtrip(trained: Path, tiny_sd: Path):
 
 
 def test_generate_manifest_and_resume(trained: Path, tmp_path: Path):
-    assert is_latent_model(trained) and not is_latent_model(tmp_path)
+    assert isinstance(load_generator(trained), LatentGenerator)
+    with pytest.raises(SynthgenError, match="no model_index.json"):
+        load_generator(tmp_path)
     out = tmp_path / "pool"
     cfg = LatentGenerateConfig(steps=2, sampler="ddim", batch_size=2, device="cpu",
                                guidance={"mode": "taxonomic", "scale": 3.0, "cfg_scale": 2.0})
@@ -171,7 +174,7 @@ def test_training_resumes_after_kill(tiny_sd: Path, chips: Path, tmp_path: Path,
     assert json.loads((out / "checkpoint" / "state.json").read_text())["step"] == 3
     assert not (out / "latent_model.json").exists()
     monkeypatch.setattr(latent_train, "_checkpoint", real)
-    with pytest.raises(SynthgenError, match="another config"):
+    with pytest.raises(SynthgenError, match="different model, data or settings"):
         train_latent(cfg.model_copy(update={"lr": 1e-3}), chips, out, progress=False)
     res = train_latent(cfg, chips, out, progress=False)
     assert res.steps == 4
@@ -273,17 +276,18 @@ def test_cut_instance_finds_the_animal():
 
 def test_configs_and_errors(configs: Path, tmp_path: Path, chips: Path):
     files = sorted((configs / "latent").glob("*.yaml"))
-    assert files
-    for f in files:
-        cfg = yaml.safe_load(f.read_text())
-        (LatentGenerateConfig if "generate" in f.name else LatentTrainConfig).from_yaml(f)
-        assert cfg  # non-empty
+    assert {f.name for f in files} >= {"generate-512.yaml", "sd15-taxonomy.yaml"}
+    for f in files:  # every shipped config loads, with the values it writes
+        cls = LatentGenerateConfig if "generate" in f.name else LatentTrainConfig
+        cfg = cls.from_yaml(f)
+        assert all(getattr(cfg, k) == v for k, v in yaml.safe_load(f.read_text()).items() if not isinstance(v, dict))
     bad = tmp_path / "bad.yaml"
     bad.write_text("lora:\n  rank: 0\n")
     with pytest.raises(SynthgenError, match="bad.yaml"):
         LatentTrainConfig.from_yaml(bad)
-    assert config_backend(configs / "latent" / "sd15-taxonomy.yaml") == "latent"
-    assert config_backend(bad) == "pixel"  # no backend field: the pixel default
+    assert isinstance(load_train_config(configs / "latent" / "sd15-taxonomy.yaml"), LatentTrainConfig)
+    bad.write_text("preset: tiny\n")
+    assert isinstance(load_train_config(bad), TrainConfig)  # no backend field: the pixel default
     with pytest.raises(SynthgenError, match="--chips"):
         train_latent(LatentTrainConfig(), None, tmp_path / "m")
     with pytest.raises(SynthgenError, match="inside the training data"):
@@ -291,20 +295,20 @@ def test_configs_and_errors(configs: Path, tmp_path: Path, chips: Path):
 
 
 def test_guidance_arithmetic_and_reference_levels():
-    from synthgen.latent.config import GuidanceConfig
-    from synthgen.latent.generate import combine, reference_depth
+    from synthgen.guidance import combine, reference_depth
+    from synthgen.latent.config import LatentGuidanceConfig
 
-    eps = {"cond": torch.full((1,), 3.0), "uncond": torch.full((1,), 1.0), "ref": torch.full((1,), 2.0)}
-    assert combine(eps, GuidanceConfig(mode="cfg", scale=2.0), True).item() == 1 + 2 * (3 - 1)
-    tax = GuidanceConfig(mode="taxonomic", scale=4.0, cfg_scale=1.5)
-    assert combine(eps, tax, True).item() == 1 + 1.5 * (2 - 1) + 4 * (3 - 2)
-    assert combine(eps, tax, False).item() == 3.0  # outside the window: the plain conditional
-    assert combine(eps, GuidanceConfig(mode="none"), True).item() == 3.0
+    c, u, r = torch.full((1,), 3.0), torch.full((1,), 1.0), torch.full((1,), 2.0)
+    assert combine(c, u, 2.0).item() == 1 + 2 * (3 - 1)  # cfg: the reference is the unconditional
+    tax = LatentGuidanceConfig(mode="taxonomic", scale=4.0, cfg_scale=1.5)
+    assert combine(c, r, tax.scale, u, tax.cfg_scale).item() == 1 + 1.5 * (2 - 1) + 4 * (3 - 2)
+    assert not LatentGuidanceConfig(mode="none").active(0, 10)  # no guidance: the plain conditional
+    assert not tax.model_copy(update={"window": (0.5, 1.0)}).active(0, 10)  # outside the window
+    assert (LatentGuidanceConfig().mode, LatentGuidanceConfig().scale, LatentGuidanceConfig().cfg_scale) == ("cfg", 7.5, 5.0)
     levels = ["kingdom", "phylum", "class", "order", "family"]
     penguin = {"kingdom": "Animalia", "phylum": "Chordata", "class": "Aves", "family": "Spheniscidae"}
-    assert reference_depth(penguin, levels, None) == 3  # parent: up to class (order is absent)
-    assert reference_depth(penguin, levels, "parent") == 3
+    assert reference_depth(penguin, levels, "parent") == 3  # up to class (order is absent)
     assert reference_depth(penguin, levels, "root") == 1
     assert reference_depth(penguin, levels, "phylum") == 2
-    with pytest.raises(SynthgenError, match="not one of the model's levels"):
+    with pytest.raises(SynthgenError, match="unknown guidance reference 'genus'"):
         reference_depth(penguin, levels, "genus")

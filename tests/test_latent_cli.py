@@ -3,6 +3,7 @@ model folder with latent_model.json) and print one-line summaries."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -41,7 +42,8 @@ def test_cli_train_and_generate_latent(aquarium: Path, configs: Path, tmp_path: 
     res = runner.invoke(app, ["train", "--config", str(cfg_path), "--chips", str(chips), "--out", str(model),
                               "--device", "cpu"])
     assert res.exit_code == 0, res.output
-    assert "trained latent LoRA: 2 steps" in res.output and (model / "lora.safetensors").is_file()
+    assert "trained 2 steps" in res.output and (model / "lora.safetensors").is_file()
+    assert json.loads((model / "model_index.json").read_text())["kind"] == "latent"
     pool = tmp_path / "pool"
     res = runner.invoke(app, ["generate", "--model", str(model), "--taxon", "fish", "--n", "2", "--out", str(pool),
                               "--steps", "2", "--device", "cpu"])
@@ -49,7 +51,12 @@ def test_cli_train_and_generate_latent(aquarium: Path, configs: Path, tmp_path: 
     assert "manifest.jsonl" in res.output
     rows = read_jsonl(pool / "manifest.jsonl")
     assert len(rows) == 2 and {r["taxon"] for r in rows} == {"Actinopterygii"}
-    assert rows[0]["guidance"]["mode"] == "taxonomic" and rows[0]["backend"] == "latent"
+    # no guidance flags: the latent kind's own defaults (classifier-free, 7.5), not the pixel kind's
+    assert rows[0]["guidance"]["mode"] == "cfg" and rows[0]["guidance"]["scale"] == 7.5
+    assert rows[0]["backend"] == "latent"
+    res = runner.invoke(app, ["generate", "--model", str(model), "--taxon", "fish", "--n", "2", "--out", str(pool),
+                              "--grid"])
+    assert res.exit_code == 1 and "--grid" in res.output and len(res.output.strip().splitlines()) == 1
     res = runner.invoke(app, ["generate", "--model", str(model), "--taxon", "Megaptera", "--n", "1",
                               "--out", str(pool), "--device", "cpu"])
     assert res.exit_code == 1 and "Megaptera" in res.output and "Traceback" not in res.output

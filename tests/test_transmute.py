@@ -13,10 +13,10 @@ from PIL import Image
 
 from detection.chips import ChipConfig, make_chips
 from synthgen.branching import branch_points
-from synthgen.continual import load_model_folder
 from synthgen.errors import SynthgenError
 from synthgen.guidance import GuidanceConfig
 from synthgen.io_utils import read_jsonl
+from synthgen.models.delta import load_model_folder
 from synthgen.train import TrainConfig, train
 from synthgen.transmute import TransmuteConfig, transmute, transmute_tensor
 

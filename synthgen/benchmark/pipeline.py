@@ -89,14 +89,14 @@ def _predict(best: Path, images: list[str], imgsz: int, conf: float, device: str
     """Full-frame predictions on the test images (same letterbox as ultralytics' val)."""
     from ultralytics import YOLO
 
-    from detection.train import _ultra_device, make_ultralytics_offline
+    from detection.train import make_ultralytics_offline, ultralytics_device
 
     make_ultralytics_offline()
     model = YOLO(str(best))
     rows = []
     for i in range(0, len(images), 16):
         for r in model.predict(images[i : i + 16], imgsz=imgsz, conf=conf, max_det=300, verbose=False,
-                               device=_ultra_device(device)):
+                               device=ultralytics_device(device)):
             b = r.boxes
             for (x0, y0, x1, y1), s, c in zip(b.xyxy.tolist(), b.conf.tolist(), b.cls.tolist(), strict=True):
                 rows.append((r.path, x0, y0, x1, y1, r.names[int(c)], s))
@@ -278,7 +278,8 @@ class Benchmark:
             images = self._limit(list(table.image_path[table.bench_split == "test"]))
             return stage_hash(split_key, self.scale.max_eval_images), images, pd.read_csv(sdir / "boxes.csv")
         path = self.tests[name]
-        key = stage_hash("testset", str(path), sorted(str(p) for p in path.rglob("*.txt")), split_key, self.cfg.groups)
+        root = path if path.is_dir() else path.parent
+        key = stage_hash("testset", str(path), sorted(str(p) for p in root.rglob("*.txt")), split_key, self.cfg.groups)
         self.further[name] = self.cache.run(f"tests/{name}", key, lambda d: load_test_set(
             path, d, self.work / "split", self.cfg.groups))
         d = self.work / "tests" / name

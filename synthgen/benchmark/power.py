@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from detection.metrics import RECALL_POINTS, XYXY, _match
+from detection.metrics import RECALL_POINTS, XYXY, match_boxes
 
 
 @dataclass
@@ -45,7 +45,7 @@ def image_flags(gt: pd.DataFrame, pred: pd.DataFrame, images: list[str], names: 
             n_gt[pos[k], ci] = len(v)
         rows = []
         for k, p in p_c.groupby("image_path", sort=False):
-            t = _match(p[XYXY].to_numpy(float), g_by.get(k, np.zeros((0, 4))), 0.5)
+            t = match_boxes(p[XYXY].to_numpy(float), g_by.get(k, np.zeros((0, 4))), 0.5)
             rows.append(pd.DataFrame({"img": pos[k], "score": p.score.to_numpy(float), "tp": t}))
         df = pd.concat(rows) if rows else pd.DataFrame({"img": [], "score": [], "tp": []})
         df = df.sort_values("score", ascending=False, kind="mergesort")

@@ -1,12 +1,12 @@
 """Latent backend: pretrained Stable Diffusion (1.5 / 2.x / SDXL) + LoRA, taxonomy-conditioned
 (TaxaDiffusion) or prompt-conditioned (DreamBooth-style), then instances cut out for the compositor."""
 
-from synthgen.latent.config import LatentGenerateConfig, LatentTrainConfig, config_backend
-from synthgen.latent.generate import LatentGenerateResult, generate_latent, is_latent_model
+from synthgen.latent.config import LatentGenerateConfig, LatentTrainConfig
+from synthgen.latent.generate import LatentGenerateResult, generate_latent
 from synthgen.latent.loading import ModelLoadError, SDComponents, load_sd
 from synthgen.latent.train import TrainResult, train_latent
 
 __all__ = [
     "LatentGenerateConfig", "LatentGenerateResult", "LatentTrainConfig", "ModelLoadError", "SDComponents",
-    "TrainResult", "config_backend", "generate_latent", "is_latent_model", "load_sd", "train_latent",
+    "TrainResult", "generate_latent", "load_sd", "train_latent",
 ]

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import ConfigDict, Field, field_validator
 
 from synthgen.config import YamlConfig
+from synthgen.guidance import GuidanceConfig, GuidanceMode
 
 
 class _Base(YamlConfig):
@@ -91,20 +90,13 @@ class LatentTrainConfig(_Base):
         return v
 
 
-class GuidanceConfig(_Base):
-    """How conditionals are combined while sampling.
+class LatentGuidanceConfig(GuidanceConfig):
+    """The one GuidanceConfig with the latent kind's defaults: classifier-free at 7.5, and in
+    taxonomic mode a reference itself classifier-free guided at 5 (a bare parent is weak in SD)."""
 
-    cfg: eps = u + scale (c - u). taxonomic: the reference is the same lineage cut at a coarser
-    level (`reference`, default the parent), eps = r + scale (c - r) with r itself CFG-guided by
-    `cfg_scale`, which pushes samples toward what distinguishes the taxon from its siblings.
-    `window` = [start, end] fraction of the trajectory (0 = pure noise) where guidance applies.
-    """
-
-    mode: Literal["none", "cfg", "taxonomic"] = "cfg"
+    mode: GuidanceMode = "cfg"
     scale: float = 7.5
-    reference: str | None = None  # a level name, "parent" (= None) or "root" (the coarsest level)
-    cfg_scale: float = 5.0
-    window: tuple[float, float] = (0.0, 1.0)
+    cfg_scale: float | None = 5.0
 
 
 class CutConfig(_Base):
@@ -133,15 +125,6 @@ class LatentGenerateConfig(_Base):
     local_files_only: bool = False
     xformers: bool = False
     base_model: str | None = None  # override where the base weights are (e.g. a local copy)
-    guidance: GuidanceConfig = Field(default_factory=GuidanceConfig)
+    guidance: LatentGuidanceConfig = Field(default_factory=LatentGuidanceConfig)
     cut: CutConfig = Field(default_factory=CutConfig)
 
-
-def config_backend(path: str | Path) -> str:
-    """The `backend` field of a train config ("pixel" when absent), so `synthgen train` can dispatch."""
-    path = Path(path)
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except yaml.YAMLError:
-        return "pixel"  # let the backend's own loader report the YAML error with its line
-    return str(data.get("backend", "pixel")) if isinstance(data, dict) else "pixel"

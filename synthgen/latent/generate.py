@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,23 +19,15 @@ from tqdm.auto import tqdm
 
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import SynthgenError
+from synthgen.guidance import combine, reference_depth
 from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
 from synthgen.latent.conditioning import ContextBuilder, TaxonomyConditioner, unet_kwargs
-from synthgen.latent.config import GuidanceConfig, LatentGenerateConfig
+from synthgen.latent.config import LatentGenerateConfig
 from synthgen.latent.cutout import cut_instance
 from synthgen.latent.loading import SDComponents, enable_memory_savers, load_sd
 from synthgen.latent.train import MODEL_FILE, load_trained
-from synthgen.pipelines.generate import image_seed, resolve_targets
-
-SCHEDULERS = {
-    "ddim": "DDIMScheduler",
-    "dpm": "DPMSolverMultistepScheduler",
-    "dpm++": "DPMSolverMultistepScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_a": "EulerAncestralDiscreteScheduler",
-    "pndm": "PNDMScheduler",
-    "ddpm": "DDPMScheduler",
-}
+from synthgen.pipelines.generate import image_seed, resolve_targets, slug
+from synthgen.schedulers import make_scheduler
 
 
 @dataclass
@@ -52,38 +43,6 @@ class LatentGenerateResult:
                 f"in {self.seconds:.0f}s -> {self.out / 'manifest.jsonl'}")
 
 
-def make_scheduler(name: str, scheduler_config: dict):
-    import diffusers
-
-    if name not in SCHEDULERS:
-        raise SynthgenError(f"unknown sampler {name!r}; choose one of {', '.join(SCHEDULERS)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(scheduler_config)
-
-
-def reference_depth(lineage: dict[str, str], levels: list[str], reference: str | None) -> int:
-    """How many levels the taxonomic-guidance reference keeps: up to `reference`, else the parent's."""
-    if reference == "root":
-        return 1
-    if reference and reference != "parent":
-        if reference not in levels:
-            raise SynthgenError(f"guidance reference level {reference!r} is not one of the model's levels {levels}")
-        return levels.index(reference) + 1
-    present = [i for i, lv in enumerate(levels) if lineage.get(lv)]
-    return present[-2] + 1 if len(present) > 1 else 0  # up to the parent's level; top-level taxa: unconditional
-
-
-def combine(eps: dict[str, torch.Tensor], g: GuidanceConfig, in_window: bool) -> torch.Tensor:
-    """Guidance arithmetic on noise predictions (see GuidanceConfig)."""
-    c = eps["cond"]
-    if not in_window or g.mode == "none":
-        return c
-    u = eps["uncond"]
-    if g.mode == "cfg":
-        return u + g.scale * (c - u)
-    r = eps["ref"]
-    return u + g.cfg_scale * (r - u) + g.scale * (c - r)
-
-
 @torch.no_grad()
 def sample(sd: SDComponents, ctxb: ContextBuilder, conditioner: TaxonomyConditioner | None, meta: dict,
            lineages: list[dict[str, str]], prompt: str | None, seeds: list[int], cfg: LatentGenerateConfig,
@@ -91,7 +50,8 @@ def sample(sd: SDComponents, ctxb: ContextBuilder, conditioner: TaxonomyConditio
     """Denoise one batch; all guidance branches go through the UNet as one concatenated batch."""
     g = cfg.guidance
     n = len(seeds)
-    branches = ["cond"] + (["uncond"] if g.mode in ("cfg", "taxonomic") else []) + (["ref"] if g.mode == "taxonomic" else [])
+    uncond = g.mode == "cfg" or (g.mode == "taxonomic" and g.cfg_scale is not None)
+    branches = ["cond"] + (["uncond"] if uncond else []) + (["ref"] if g.mode == "taxonomic" else [])
     ctxs, pools = [], []
     levels = meta["levels"]
     for b in branches:
@@ -113,13 +73,17 @@ def sample(sd: SDComponents, ctxb: ContextBuilder, conditioner: TaxonomyConditio
     latents = noise * sched.init_noise_sigma
     kw = unet_kwargs(sd, pooled, resolution, resolution, n * len(branches), device)
     step_gen = torch.Generator(device="cpu").manual_seed(seeds[0])
-    lo, hi = g.window
     for i, t in enumerate(sched.timesteps):
-        frac = i / max(1, len(sched.timesteps))
         x = sched.scale_model_input(torch.cat([latents] * len(branches)), t)
         with autocast(device, bf16):
             out = sd.unet(x.to(sd.unet.dtype), t, encoder_hidden_states=ctx.to(sd.unet.dtype), **kw).sample.float()
-        eps = combine(dict(zip(branches, out.chunk(len(branches)), strict=True)), g, lo <= frac <= hi)
+        eps = dict(zip(branches, out.chunk(len(branches)), strict=True))
+        if not g.active(i, len(sched.timesteps)):
+            eps = eps["cond"]
+        elif g.mode == "cfg":
+            eps = combine(eps["cond"], eps["uncond"], g.scale)
+        else:
+            eps = combine(eps["cond"], eps["ref"], g.scale, eps.get("uncond"), g.cfg_scale)
         latents = sched.step(eps, t, latents, generator=step_gen).prev_sample
     with autocast(device, bf16):
         imgs = sd.vae.decode((latents / sd.vae.config.scaling_factor).to(sd.vae.dtype)).sample.float()
@@ -134,6 +98,8 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
     cfg = (LatentGenerateConfig() if config is None else LatentGenerateConfig.from_yaml(config)
            if isinstance(config, str | Path) else LatentGenerateConfig.model_validate(config)
            if isinstance(config, dict) else config)
+    if n < 1:
+        raise SynthgenError(f"the number of images must be at least 1, got {n}")
     model_dir, out = Path(model_dir), Path(out_dir)
     meta_path = model_dir / MODEL_FILE
     if not meta_path.is_file():
@@ -146,11 +112,10 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
     prompt = cfg.prompt or meta.get("prompt")
     settings = {
         "sampler": cfg.sampler, "steps": cfg.steps,
-        "guidance": {"mode": cfg.guidance.mode, "scale": cfg.guidance.scale, "reference": cfg.guidance.reference,
-                     "window": list(cfg.guidance.window), "cfg_scale": cfg.guidance.cfg_scale},
+        "guidance": cfg.guidance.record(),
         "model": meta["hash"],
     }
-    sub = re.sub(r"[^A-Za-z0-9]+", "_", taxon).strip("_") or "taxon"
+    sub = slug(taxon)
     manifest = out / "manifest.jsonl"
     done: set[int] = set()
     for i, r in enumerate(read_jsonl(manifest), 1):
@@ -206,7 +171,3 @@ def generate_latent(model_dir: str | Path, taxon: str, n: int, out_dir: str | Pa
         bar.close()
     return LatentGenerateResult(out, written, len(done), n_cut, time.time() - t0)
 
-
-def is_latent_model(model_dir: str | Path) -> bool:
-    """True for a folder written by `train_latent` (so `synthgen generate` can dispatch)."""
-    return (Path(model_dir) / MODEL_FILE).is_file()

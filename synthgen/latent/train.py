@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError, SynthgenError
+from synthgen.generator import generator_class, write_index
 from synthgen.io_utils import (
     JsonlAppender,
     atomic_save_image,
@@ -35,15 +36,13 @@ from synthgen.latent.conditioning import ContextBuilder, TaxonomyConditioner, un
 from synthgen.latent.config import LatentTrainConfig
 from synthgen.latent.data import ImageRows, load_rows, resolve_levels, taxa_table
 from synthgen.latent.loading import SDComponents, enable_memory_savers, load_sd
-from synthgen.latent.weights import (
-    add_lora,
-    files_hash,
-    load_lora,
-    load_tensors,
-    lora_state,
+from synthgen.latent.weights import add_lora, files_hash, load_lora, load_tensors, lora_state, save_tensors
+from synthgen.training import (
+    fingerprint,
     optimizer_tensors,
     restore_optimizer,
-    save_tensors,
+    resume_state,
+    write_checkpoint,
 )
 
 LORA_FILE = "lora.safetensors"
@@ -221,14 +220,9 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
     batches = _endless(loader)
 
     ckpt_dir = out_dir / "checkpoint"
-    start_step, state_meta = 0, {}
-    state_json = ckpt_dir / "state.json"
-    if state_json.is_file():
-        state_meta = json.loads(state_json.read_text(encoding="utf-8"))
-        start_step = state_meta["step"]
-        if state_meta.get("config") != _resume_key(cfg, data_dir):
-            raise SynthgenError(f"{state_json}: checkpoint of a run with another config or data; "
-                                "use a new output folder or delete the checkpoint folder to start over")
+    fp = _fingerprint(cfg, data_dir)
+    state_meta = resume_state(ckpt_dir, fp) or {}
+    start_step = state_meta.get("step", 0)
     log_path = out_dir / "loss.jsonl"
     kept = [r for r in read_jsonl(log_path) if r["step"] <= start_step]
     write_jsonl(log_path, kept)
@@ -255,7 +249,7 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
                 tensors = load_tensors(ckpt_dir / "state.safetensors")
                 _load_trainable(sd, conditioner, tensors)
                 if state_meta.get("stage") == stage:
-                    restore_optimizer(opt, tensors, state_meta["optimizer"])
+                    restore_optimizer(opt, tensors, state_meta["optimizer"], prefix="optim.")
             bar.set_description(f"latent LoRA stage {stage + 1}/{n_stages}"
                                 + (f" ({levels[stage]})" if levels else ""))
             while step < stage_end:
@@ -293,7 +287,7 @@ def train_latent(config: LatentTrainConfig | str | Path | dict, data_dir: str | 
                 bar.update(1)
                 bar.set_postfix(loss=f"{acc:.4f}")
                 if step % cfg.checkpoint_every == 0 and step < total:
-                    _checkpoint(ckpt_dir, sd, conditioner, opt, step, stage, time.time() - t0, _resume_key(cfg, data_dir))
+                    _checkpoint(ckpt_dir, sd, conditioner, opt, step, stage, time.time() - t0, fp)
     bar.close()
 
     result = TrainResult(out_dir, step, last_loss, time.time() - t0)
@@ -338,19 +332,18 @@ def _load_trainable(sd: SDComponents, conditioner: TaxonomyConditioner | None, t
         conditioner.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("cond.")})
 
 
-def _resume_key(cfg: LatentTrainConfig, data_dir: Path) -> dict:
+def _fingerprint(cfg: LatentTrainConfig, data_dir: Path) -> str:
     """What must match for a checkpoint to be resumed (device and memory options may change)."""
     skip = {"device", "threads", "chips", "mixed_precision", "gradient_checkpointing", "xformers", "num_workers", "checkpoint_every"}
-    return {"data_dir": str(data_dir), **cfg.model_dump(mode="json", exclude=skip)}
+    return fingerprint({"data_dir": str(data_dir), **cfg.model_dump(mode="json", exclude=skip)})
 
 
-def _checkpoint(ckpt_dir: Path, sd, conditioner, opt, step: int, stage: int, seconds: float, key: dict) -> None:
-    """Weights + optimizer first, then state.json (the commit point) - a kill in between is harmless."""
-    tensors, opt_meta = optimizer_tensors(opt)
+def _checkpoint(ckpt_dir: Path, sd, conditioner, opt, step: int, stage: int, seconds: float, fp: str) -> None:
+    """Trainable weights + optimizer state, written as one folder (training.write_checkpoint)."""
+    tensors, opt_meta = optimizer_tensors(opt, prefix="optim.")
     tensors.update(_trainable_tensors(sd, conditioner))
-    save_tensors(ckpt_dir / "state.safetensors", tensors)
-    write_json(ckpt_dir / "state.json", {"step": step, "stage": stage, "seconds": seconds, "optimizer": opt_meta,
-                                         "config": key})
+    write_checkpoint(ckpt_dir, {"state.safetensors": tensors},
+                     {"step": step, "stage": stage, "seconds": seconds, "optimizer": opt_meta, "fingerprint": fp})
 
 
 def _finalize(cfg, sd, conditioner, data_dir: Path, out_dir: Path, rows, levels, stage_steps, result) -> None:
@@ -388,6 +381,7 @@ def _finalize(cfg, sd, conditioner, data_dir: Path, out_dir: Path, rows, levels,
     with atomic_write(out_dir / "model_card.md", "w", encoding="utf-8") as f:
         f.write(_model_card(cfg, meta, len(rows), result))
     write_json(out_dir / MODEL_FILE, meta)
+    write_index(out_dir, "latent", generator_class("latent"))
 
 
 def load_trained(model_dir: Path, sd: SDComponents, device: torch.device) -> tuple[dict, TaxonomyConditioner | None]:

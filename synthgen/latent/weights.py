@@ -57,31 +57,6 @@ def load_lora(unet: Any, path: Path) -> None:
         raise SynthgenError(f"{path}: {len(unexpected)} LoRA tensors do not match the base UNet (e.g. {unexpected[0]})")
 
 
-def optimizer_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
-    """Split an optimizer state dict into tensors (safetensors) and JSON-able rest."""
-    st = opt.state_dict()
-    tensors, rest = {}, {}
-    for idx, s in st["state"].items():
-        for k, v in s.items():
-            if torch.is_tensor(v):
-                tensors[f"optim.{idx}.{k}"] = v
-            else:
-                rest[f"{idx}.{k}"] = v
-    return tensors, {"param_groups": st["param_groups"], "scalars": rest}
-
-
-def restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], meta: dict) -> None:
-    state: dict[int, dict] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, idx, k = key.split(".", 2)
-            state.setdefault(int(idx), {})[k] = v
-    for key, v in meta["scalars"].items():
-        idx, k = key.split(".", 1)
-        state.setdefault(int(idx), {})[k] = v
-    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
-
-
 def files_hash(paths: list[Path]) -> str:
     """Short content hash of the trained weights: the `model` field of generated rows."""
     h = hashlib.sha256()

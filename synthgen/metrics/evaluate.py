@@ -23,7 +23,7 @@ from synthgen.metrics.distribution import (
 from synthgen.metrics.lpips import load_lpips, mean_pairwise_lpips
 from synthgen.metrics.realism import two_sample_accuracy
 from synthgen.scoring.base import Pool, Scorer, ScoringError, load_image, split_by_source
-from synthgen.scoring.judge import _val_split
+from synthgen.scoring.judge import held_out_split
 
 
 def _rows(pool: Pool, split: str | None, space_taxa: Sequence[str], what: str) -> list[dict]:
@@ -138,7 +138,7 @@ def _held_out(rpool: Pool, tpool: Pool, known: Sequence[str], val_fraction: floa
     """(real held-out rows, train rows, note). Without a val split in the real folder, and no separate
     train folder, whole source images are split off as held-out (and the note says so): comparing the
     training chips with themselves would make the floor meaningless."""
-    vsplit = _val_split(rpool.rows)
+    vsplit = held_out_split(rpool.rows)
     has_train = any(r.get("split") == "train" for r in tpool.rows)
     t_rows = _rows(tpool, "train" if has_train else None, known, "train")
     if vsplit:

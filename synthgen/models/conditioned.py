@@ -185,11 +185,8 @@ class ConditionedUNet(nn.Module):
 
     @classmethod
     def load(cls, folder: Path) -> ConditionedUNet:
+        """A full pixel folder's weights; extended (delta) folders load through `models.delta.load_model_folder`."""
         folder = Path(folder)
-        if (folder / "continual.json").exists():  # taxa added by `synthgen train --add-taxa`: base + delta
-            from synthgen.continual import load_model_folder
-
-            return load_model_folder(folder)
         need = [folder / "unet" / "config.json", folder / "taxonomy_encoder.safetensors", folder / "taxonomy_encoder.json"]
         missing = [str(p) for p in need if not p.exists()]
         if missing:

@@ -1,7 +1,7 @@
 """Sampling (fast guided loop over diffusers schedulers) and resumable chip generation."""
 
 from synthgen.pipelines.generate import GenerateConfig, GenerateResult, generate, resolve_targets
-from synthgen.pipelines.sampling import SAMPLERS, GuidedSampler, load_model, make_scheduler
+from synthgen.pipelines.sampling import SAMPLERS, GuidedSampler, load_model
 
 __all__ = [
     "SAMPLERS",
@@ -10,6 +10,5 @@ __all__ = [
     "GuidedSampler",
     "generate",
     "load_model",
-    "make_scheduler",
     "resolve_targets",
 ]

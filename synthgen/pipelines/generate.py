@@ -20,10 +20,11 @@ from pathlib import Path
 
 import torch
 from PIL import Image, ImageDraw
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from tqdm.auto import tqdm
 
 from synthgen.branching import BRANCH_FILE, load_branch_points, target_window
+from synthgen.config import YamlConfig
 from synthgen.device import resolve_device
 from synthgen.errors import SynthgenError
 from synthgen.guidance import GuidanceConfig, reference_codes
@@ -31,12 +32,14 @@ from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
 from synthgen.pipelines.sampling import SAMPLERS, GuidedSampler, load_model
 
 
-class GenerateConfig(BaseModel):
+class GenerateConfig(YamlConfig):
+    """How a pixel model samples a pool (YAML or `synthgen generate` flags)."""
+
     model_config = ConfigDict(extra="forbid")
     sampler: str = "ddim"
-    steps: int = 25
+    steps: int = Field(25, ge=1)
     guidance: GuidanceConfig = GuidanceConfig()
-    batch_size: int = 64
+    batch_size: int = Field(64, ge=1)
     device: str = "auto"
     seed: int = 0
     even: bool = False  # above the leaves: sample trained taxa evenly, not by training counts
@@ -59,6 +62,11 @@ class GenerateResult:
     seconds: float
     grids: list[Path]
 
+    def summary(self) -> str:
+        grids = f", grids: {', '.join(str(p) for p in self.grids)}" if self.grids else ""
+        return (f"{self.written} chips written, {self.already} already done in {self.seconds:.1f}s "
+                f"-> {self.out / 'manifest.jsonl'}{grids}")
+
 
 @dataclass
 class Target:
@@ -68,7 +76,8 @@ class Target:
     weight: float
 
 
-def _slug(name: str) -> str:
+def slug(name: str) -> str:
+    """A taxon name as a folder / file name of a pool."""
     return re.sub(r"[^A-Za-z0-9]+", "_", name).strip("_") or "taxon"
 
 
@@ -147,14 +156,16 @@ def image_seed(base: int, query: str, index: int) -> int:
 
 
 def _contact_sheet(paths: list[Path], title: str, out: Path, max_images: int = 64) -> None:
-    paths = paths[:max_images]
+    """A square sheet of the first `max_images`; the title counts what it shows of how many."""
+    total, paths = len(paths), paths[:max_images]
     ims = [Image.open(p).convert("RGB") for p in paths]
     s = ims[0].size[0]
     cols = math.ceil(math.sqrt(len(ims)))
     rows = math.ceil(len(ims) / cols)
     pad, head = 2, 14
     sheet = Image.new("RGB", (cols * (s + pad) + pad, rows * (s + pad) + pad + head), "white")
-    ImageDraw.Draw(sheet).text((pad, 1), f"{title} ({len(ims)})", fill="black")
+    shown = f"{len(ims)}" if len(ims) == total else f"first {len(ims)} of {total}"
+    ImageDraw.Draw(sheet).text((pad, 1), f"{title} ({shown})", fill="black")
     for k, im in enumerate(ims):
         sheet.paste(im, (pad + (k % cols) * (s + pad), head + pad + (k // cols) * (s + pad)))
     atomic_save_image(sheet, out)
@@ -166,6 +177,8 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
     from accelerate import PartialState
 
     cfg = cfg or GenerateConfig()
+    if n < 1:
+        raise SynthgenError(f"the number of images must be at least 1, got {n}")
     if cfg.sampler not in SAMPLERS:
         raise SynthgenError(f"unknown sampler {cfg.sampler!r}; choose one of {', '.join(SAMPLERS)}")
     model_dir, out = Path(model_dir), Path(out)
@@ -177,8 +190,7 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
     settings = {
         "sampler": cfg.sampler,
         "steps": cfg.steps,
-        "guidance": {"mode": cfg.guidance.mode, "scale": cfg.guidance.scale, "reference": cfg.guidance.reference,
-                     "window": list(cfg.guidance.window)},
+        "guidance": cfg.guidance.record(),
         "model": model_id,
     }
     if cfg.cache_interval > 1:  # only then: exact rows written before this field existed still match
@@ -188,7 +200,7 @@ def generate(model_dir: str | Path, taxon: str, n: int, out: str | Path, cfg: Ge
         settings["branch_points"] = hashlib.sha256(
             (model_dir / BRANCH_FILE).read_bytes()).hexdigest()[:16]
     state = PartialState(cpu=resolve_device(cfg.device).type == "cpu")
-    sub = _slug(taxon)
+    sub = slug(taxon)
     manifest = out / "manifest.jsonl"
     shard = manifest if state.num_processes == 1 else out / f"manifest.rank{state.process_index}.jsonl"
     rows = read_jsonl(manifest) + [r for p in sorted(out.glob("manifest.rank*.jsonl")) for r in read_jsonl(p)]
@@ -314,7 +326,7 @@ def write_grids(out: Path, query: str) -> list[Path]:
         by_taxon.setdefault(r["taxon"], []).append(out / r["file"])
     paths = []
     for taxon, files in sorted(by_taxon.items()):
-        p = out / "grids" / f"{_slug(taxon)}.png"
+        p = out / "grids" / f"{slug(taxon)}.png"
         _contact_sheet(files, taxon, p)
         paths.append(p)
     return paths

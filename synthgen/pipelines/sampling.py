@@ -13,19 +13,21 @@ on the kept features. Same number of sampler steps; the images deviate a little 
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
-from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, UNet2DModel
+from diffusers import UNet2DModel
 
 from synthgen.device import autocast
 from synthgen.errors import SynthgenError
+from synthgen.generator import read_index
 from synthgen.guidance import GuidanceConfig, combine
 from synthgen.models import ConditionedUNet
+from synthgen.models.delta import load_model_folder
 from synthgen.models.prediction import eps_and_x0
+from synthgen.schedulers import make_scheduler, read_scheduler_config
 
-SAMPLERS = ("ddim", "dpm", "euler")
+SAMPLERS = ("ddim", "dpm", "euler")  # the samplers this loop steps (others need per-step randomness)
 _SHALLOW_DOWN = ("DownBlock2D", "AttnDownBlock2D")
 _SHALLOW_UP = ("UpBlock2D", "AttnUpBlock2D")
 
@@ -79,25 +81,12 @@ def shallow_forward(unet: UNet2DModel, x: torch.Tensor, t: torch.Tensor, class_e
 
 
 def load_model(folder: str | Path, device: torch.device) -> tuple[ConditionedUNet, dict]:
-    """Model in eval mode on `device` + its scheduler config (from `synthgen train`)."""
-    folder = Path(folder)
-    model = ConditionedUNet.load(folder).eval().to(device)
+    """Model in eval mode on `device` + its scheduler config, from a complete (indexed) model folder
+    of `synthgen train` or `train --add-taxa`."""
+    read_index(folder)
+    model = load_model_folder(folder).eval().to(device)
     model.unet.to(memory_format=torch.channels_last)
-    sched_cfg = folder / "scheduler" / "scheduler_config.json"
-    if not sched_cfg.exists():
-        raise SynthgenError(f"{sched_cfg}: missing; {folder} is not a complete synthgen model folder")
-    return model, json.loads(sched_cfg.read_text(encoding="utf-8"))
-
-
-def make_scheduler(name: str, config: dict):
-    """DDIM, DPM-Solver++ (2M) or Euler from the training noise schedule."""
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "dpm":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++", solver_order=2)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    raise SynthgenError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return model, read_scheduler_config(folder)
 
 
 class GuidedSampler:
@@ -116,7 +105,7 @@ class GuidedSampler:
             raise SynthgenError(f"cache_interval {cache_interval} is not available for this UNet: {why}")
         self.model, self.sampler, self.steps, self.cache_interval = model, sampler, steps, cache_interval
         self.device = next(model.parameters()).device
-        self.sched = make_scheduler(sampler, sched_config)
+        self.sched = make_scheduler(sampler, sched_config, SAMPLERS)
         compile = compile and cache_interval == 1 and self.device.type == "cuda"
         self.unet = torch.compile(model.unet) if compile else model.unet
         self.clip = bool(sched_config.get("clip_sample", True))
@@ -124,9 +113,16 @@ class GuidedSampler:
 
     @torch.inference_mode()
     def __call__(self, noise: torch.Tensor, codes: torch.Tensor, ref_codes: torch.Tensor,
-                 guidance: GuidanceConfig) -> torch.Tensor:
-        """noise [B,3,S,S] (any device), codes/ref_codes [B,L] -> uint8 images [B,S,S,3] on CPU."""
+                 guidance: GuidanceConfig, context: torch.Tensor | None = None) -> torch.Tensor:
+        """noise [B,3,S,S] (any device), codes/ref_codes [B,L] -> uint8 images [B,S,S,3] on CPU.
+        In-context models also take `context` [B,C,S,S] (masked window + hole), fed at every step."""
         dev, b = self.device, noise.shape[0]
+        if (context is None) != (self.model.context_channels == 0):
+            raise SynthgenError(f"this model takes {self.model.context_channels} context channels; "
+                                f"{'none' if context is None else context.shape[1]} given")
+        if context is not None:
+            context = context.to(dev)
+            context2 = torch.cat([context, context])
         sched = self.sched
         sched.set_timesteps(self.steps, device=dev)
         x = (noise.to(dev) * sched.init_noise_sigma).contiguous(memory_format=torch.channels_last)
@@ -147,6 +143,8 @@ class GuidedSampler:
             xin = x if ddim else sched.scale_model_input(x, t)
             guided = guidance.active(i, n)
             inp, cond = (torch.cat([xin, xin]), emb) if guided else (xin, emb_target)
+            if context is not None:
+                inp = torch.cat([inp, context2 if guided else context], 1)
             with autocast(dev):
                 if self.cache_interval == 1:
                     out = self.unet(inp, t, class_labels=cond).sample

@@ -179,7 +179,7 @@ def _load_chips(pool: Pool, rows: list[dict], size: int, desc: str) -> torch.Ten
     return _to_batch(imgs, size) if imgs else torch.zeros((0, 3, size, size), dtype=torch.uint8)
 
 
-def _val_split(rows: list[dict]) -> str | None:
+def held_out_split(rows: list[dict]) -> str | None:
     splits = {r.get("split") for r in rows}
     return next((s for s in VAL_SPLITS if s in splits), None)
 
@@ -293,7 +293,7 @@ def _background_rows(folder: str | Path) -> tuple[Pool, list[dict], list[dict]]:
     train = [r for r in pool.rows if r.get("split") == "train"]
     if not train:
         raise ScoringError(f"{man}: no background chips with split 'train'")
-    vsplit = _val_split(pool.rows)
+    vsplit = held_out_split(pool.rows)
     return pool, train, [r for r in pool.rows if r.get("split") == vsplit] if vsplit else []
 
 
@@ -315,7 +315,7 @@ def train_judge(chips: str | Path, out: str | Path, cfg: JudgeConfig | None = No
     train_rows = [r for r in pool.rows if r.get("split") == "train"]
     if not train_rows:
         raise ScoringError(f"{pool.root / 'manifest.jsonl'}: no chips with split 'train' to train the judge on")
-    vsplit = _val_split(pool.rows)
+    vsplit = held_out_split(pool.rows)
     if vsplit:
         val_rows = [r for r in pool.rows if r.get("split") == vsplit]
     else:  # never train without a check: hold out whole source images, and say so in the metrics

@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
-import math
 import os
 import shutil
 import time
@@ -20,16 +20,31 @@ from pathlib import Path
 import torch
 import yaml
 from diffusers import DDPMScheduler
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from tqdm.auto import tqdm
 
 from synthgen.errors import SynthgenError
+from synthgen.generator import INDEX_FILE, generator_class, write_index
 from synthgen.incontext.windows import WindowSet, load_windows
 from synthgen.io_utils import atomic_write, write_json
 from synthgen.models import ConditionedUNet, TaxonVocab
 from synthgen.models.prediction import training_target
 from synthgen.train.config import TrainConfig
 from synthgen.train.data import ChipSet, load_chips
+from synthgen.training import (
+    EMA,
+    fingerprint,
+    latest_checkpoint,
+    make_accelerator,
+    optimizer_tensors,
+    prune_checkpoints,
+    restore_optimizer,
+    resume_state,
+    seeded_generator,
+    set_lr,
+    warmup_cosine,
+    write_checkpoint,
+)
 
 TrainData = ChipSet | WindowSet
 
@@ -61,6 +76,14 @@ def diffusion_loss(pred: torch.Tensor, target: torch.Tensor, weight: torch.Tenso
     if gamma is not None:
         per = per * snr.clamp(max=gamma) / (snr + 1 if prediction_type == "v_prediction" else snr.clamp(min=1e-8))
     return per.mean()
+
+
+def noise_scheduler(cfg: TrainConfig) -> DDPMScheduler:
+    """The training noise schedule, saved with the model; samplers are built from its config."""
+    return DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
+                         prediction_type=cfg.prediction_type,
+                         # sampling starts at the last timestep (zero SNR) only where v makes that work
+                         timestep_spacing="trailing" if cfg.prediction_type == "v_prediction" else "leading")
 
 
 @dataclass
@@ -143,60 +166,24 @@ def _params(model: ConditionedUNet, parts: list[str], stage: Stage) -> list[torc
     return ps
 
 
-def _gen(*key: int) -> torch.Generator:
-    h = int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") & ((1 << 63) - 1)
-    return torch.Generator().manual_seed(h)
-
-
-class _EMA:
-    """Shadow copy of every weight; decay warms up so early EMA weights are not just the init."""
-
-    def __init__(self, model: torch.nn.Module, decay: float):
-        self.decay = decay
-        self.shadow = {k: v.detach().clone().float() for k, v in model.state_dict().items()}
-
-    @torch.no_grad()
-    def update(self, model: torch.nn.Module, step: int) -> None:
-        d = min(self.decay, (1 + step) / (10 + step))
-        for k, v in model.state_dict().items():
-            if v.dtype.is_floating_point:
-                self.shadow[k].lerp_(v.detach().float(), 1 - d)
-
-    def copy_to(self, model: torch.nn.Module) -> None:
-        model.load_state_dict({k: v.to(model.state_dict()[k].dtype) for k, v in self.shadow.items()})
-
-
-def _opt_state_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict, dict]:
-    sd = opt.state_dict()
-    tensors = {f"{pid}.{name}": t.contiguous().cpu() for pid, st in sd["state"].items() for name, t in st.items()}
-    return tensors, {"param_groups": sd["param_groups"]}
-
-
-def _opt_state_from_tensors(tensors: dict, meta: dict) -> dict:
-    state: dict[int, dict] = {}
-    for key, t in tensors.items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = t
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _latest_checkpoint(ckdir: Path) -> Path | None:
-    cks = sorted(p for p in ckdir.glob("step-*") if (p / "state.json").exists())
-    return cks[-1] if cks else None
-
-
 def _fingerprint(cfg: TrainConfig, vocab: TaxonVocab, n: int) -> str:
     key = {"preset": cfg.preset, "size": cfg.image_size, "mlp": cfg.mlp, "vocab": vocab.to_dict(), "n": n}
     if cfg.backend != "pixel":  # keys added later leave the fingerprints of existing pixel runs unchanged
         key |= {"backend": cfg.backend, "window": cfg.window.model_dump()}
-    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    return fingerprint(key)
+
+
+def _losses_csv(losses: list[dict]) -> str:
+    f = io.StringIO(newline="")
+    w = csv.DictWriter(f, fieldnames=["step", "stage", "level", "loss", "lr"])
+    w.writeheader()
+    w.writerows(losses)
+    return f.getvalue()
 
 
 def _write_losses(path: Path, losses: list[dict]) -> None:
     with atomic_write(path, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=["step", "stage", "level", "loss", "lr"])
-        w.writeheader()
-        w.writerows(losses)
+        f.write(_losses_csv(losses))
 
 
 def _read_losses(path: Path) -> list[dict]:
@@ -269,8 +256,6 @@ def _model_hash(folder: Path) -> str:
 
 def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, progress: bool = True) -> TrainResult:
     """Run (or resume) every stage, checkpointing atomically, then write the model folder to `out`."""
-    from accelerate import Accelerator
-
     from synthgen.device import resolve_device
 
     out = Path(out)
@@ -278,11 +263,7 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     device = resolve_device(cfg.device)
-    acc = Accelerator(
-        cpu=device.type == "cpu",
-        mixed_precision="bf16" if device.type == "cuda" else "no",
-        gradient_accumulation_steps=cfg.grad_accum,
-    )
+    acc = make_accelerator(device, cfg.grad_accum)
     vocab = TaxonVocab.from_lineages(data.lineages)
     codes_all = torch.tensor([vocab.encode(lin) for lin in data.lineages], dtype=torch.long)
     stages = plan_stages(cfg, vocab, data.lineages)
@@ -294,11 +275,8 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
 
     torch.manual_seed(cfg.seed)
     model = ConditionedUNet.create(cfg.preset, cfg.image_size, vocab, cfg.mlp, context_channels=data.context_channels)
-    ema = _EMA(model, cfg.ema_decay)
-    noise_sched = DDPMScheduler(num_train_timesteps=cfg.num_train_timesteps, beta_schedule=cfg.beta_schedule,
-                                prediction_type=cfg.prediction_type,
-                                # sampling starts at the last timestep (zero SNR) only where v makes that work
-                                timestep_spacing="trailing" if cfg.prediction_type == "v_prediction" else "leading")
+    ema = EMA(model, cfg.ema_decay)
+    noise_sched = noise_scheduler(cfg)
     alphas = noise_sched.alphas_cumprod.to(acc.device)
     snr = alphas / (1 - alphas)
 
@@ -306,16 +284,13 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     step, losses, opt_state, ck_stage = 0, [], None, 0
     if (out / "synthgen_model.json").exists() and json.loads((out / "synthgen_model.json").read_text())["steps"] >= total:
         meta = json.loads((out / "synthgen_model.json").read_text())
+        if not (out / INDEX_FILE).exists():  # finished before folders had an index: add it (upgrade)
+            write_index(out, cfg.backend, generator_class(cfg.backend))
         acc.print(f"already trained: {out} ({meta['steps']} steps)")
         return TrainResult(out, meta["steps"], meta.get("final_loss", float("nan")), 0.0)
-    last = _latest_checkpoint(ckdir)
+    last = latest_checkpoint(ckdir)
     if last is not None:
-        state = json.loads((last / "state.json").read_text())
-        if state["fingerprint"] != fp:
-            raise SynthgenError(
-                f"{last}: checkpoint is from a different model/data (preset, size or taxa changed); "
-                f"use a new --out or delete {ckdir}"
-            )
+        state = resume_state(last, fp)
         model.load_state_dict(load_file(str(last / "model.safetensors")))
         ema.shadow = load_file(str(last / "ema.safetensors"))
         opt_state = (load_file(str(last / "optimizer.safetensors")), json.loads((last / "optimizer.json").read_text()))
@@ -340,23 +315,12 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
     def save_checkpoint(opt: torch.optim.Optimizer) -> None:
         if not acc.is_main_process:
             return
-        tmp = ckdir / f".tmp-step-{step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        sd = {k: v.detach().contiguous().cpu() for k, v in acc.unwrap_model(pmodel).state_dict().items()}
-        save_file(sd, str(tmp / "model.safetensors"))
-        save_file({k: v.contiguous().cpu() for k, v in ema.shadow.items()}, str(tmp / "ema.safetensors"))
-        ts, meta = _opt_state_to_tensors(opt)
-        save_file(ts, str(tmp / "optimizer.safetensors"))
-        (tmp / "optimizer.json").write_text(json.dumps(meta))
-        save_file({"torch": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
-        _write_losses(tmp / "losses.csv", losses)
-        (tmp / "state.json").write_text(json.dumps({"step": step, "stage": stage.index, "fingerprint": fp}))
-        final = ckdir / f"step-{step:07d}"
-        shutil.rmtree(final, ignore_errors=True)
-        os.replace(tmp, final)
-        for old in sorted(p for p in ckdir.glob("step-*"))[: -cfg.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
+        ts, meta = optimizer_tensors(opt)
+        tensors = {"model.safetensors": acc.unwrap_model(pmodel).state_dict(), "ema.safetensors": ema.shadow,
+                   "optimizer.safetensors": ts, "rng.safetensors": {"torch": torch.get_rng_state()}}
+        write_checkpoint(ckdir / f"step-{step:07d}", tensors, {"step": step, "stage": stage.index, "fingerprint": fp},
+                         {"optimizer.json": json.dumps(meta), "losses.csv": _losses_csv(losses)})
+        prune_checkpoints(ckdir, cfg.keep_checkpoints)
 
     for stage in stages:
         if step >= bounds[stage.index + 1]:
@@ -364,19 +328,16 @@ def train(cfg: TrainConfig, out: str | Path, chips: str | Path | None = None, pr
         params = _params(acc.unwrap_model(pmodel), stage.train, stage)
         opt = torch.optim.AdamW(params, lr=stage.lr, weight_decay=cfg.weight_decay)
         if opt_state is not None and ck_stage == stage.index:  # a stage-end checkpoint's moments stay behind
-            opt.load_state_dict(_opt_state_from_tensors(*opt_state))
+            restore_optimizer(opt, *opt_state)
         opt_state = None
         opt = acc.prepare_optimizer(opt)
         level_name = vocab.levels[stage.max_level]
         bar.set_description(f"stage {stage.index + 1}/{len(stages)} ({level_name})")
         while step < bounds[stage.index + 1]:
-            local = step - bounds[stage.index]
-            lr = stage.lr * min(1.0, (local + 1) / max(1, cfg.warmup_steps))
-            lr *= 0.5 * (1 + math.cos(math.pi * local / stage.steps)) * 0.9 + 0.1  # cosine to 10%
-            for group in opt.param_groups:
-                group["lr"] = lr
+            lr = warmup_cosine(stage.lr, step - bounds[stage.index], stage.steps, cfg.warmup_steps)
+            set_lr(opt, lr)
             for micro in range(cfg.grad_accum):
-                g = _gen(cfg.seed, step, micro, acc.process_index)
+                g = seeded_generator(cfg.seed, step, micro, acc.process_index)
                 idx = torch.randint(len(data.taxa), (cfg.batch_size,), generator=g)
                 x0, context, valid = data.batch(idx, g, cfg.dihedral, cfg.hflip)
                 codes = drop_conditions(codes_all[idx], stage.max_level, cfg.p_uncond, cfg.p_drop, g)
@@ -450,8 +411,11 @@ def _save_model_folder(model, out, cfg, data, stages, vocab, losses, seconds, no
         c = counts.setdefault(taxon, {"count": 0, "lineage": lin, "label": label})
         c["count"] += 1
     write_json(out / "taxon_counts.json", counts)
+    if isinstance(data, WindowSet):  # sizes the in-context generator paints at
+        write_json(out / "shapes.json", data.shapes)
     _write_losses(out / "losses.csv", losses)
     _plot_losses(losses, out / "loss.png", cfg.prediction_type)
     with atomic_write(out / "model_card.md", "w", encoding="utf-8") as f:
         f.write(_model_card(cfg, data, stages, vocab, losses, seconds))
     write_json(out / "synthgen_model.json", {"id": _model_hash(out), "steps": total, "final_loss": final_loss, "backend": cfg.backend})
+    write_index(out, cfg.backend, generator_class(cfg.backend))

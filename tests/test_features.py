@@ -3,7 +3,6 @@ cache per file content, the realism measure, and the YOLO backbone hosted throug
 
 from __future__ import annotations
 
-import socket
 import sys
 from pathlib import Path
 
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from test_metrics import no_network  # noqa: F401  (fixture)
 
 from synthgen.errors import SynthgenError
 from synthgen.features import (
@@ -27,15 +27,6 @@ from synthgen.metrics import realism, two_sample_accuracy
 AQUARIUM = Path(__file__).resolve().parents[2] / "shared" / "data" / "aquarium"
 NAMES = ["fish", "jellyfish", "penguin", "puffin", "shark", "starfish", "stingray"]
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def deny(*a, **k):
-        raise OSError("network denied in test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", deny)
-    monkeypatch.setattr(socket.socket, "connect", deny)
 
 
 @pytest.fixture(autouse=True)
@@ -63,7 +54,8 @@ def crops(label: str, n: int, min_side: int = 40) -> list[Image.Image]:
     return out
 
 
-def test_wheel_weights_classify_aquarium_jellyfish_offline(no_network):
+@pytest.mark.usefixtures("no_network")
+def test_wheel_weights_classify_aquarium_jellyfish_offline():
     import timm
 
     net = lite0().eval()
@@ -136,7 +128,8 @@ def test_two_sample_accuracy_chance_and_separable():
     assert apart["accuracy"] > 0.97 and apart["n"] == 300 and apart["interval"][1] <= 1
 
 
-def test_realism_real_vs_noise_against_real_floor(no_network):
+@pytest.mark.usefixtures("no_network")
+def test_realism_real_vs_noise_against_real_floor():
     real = crops("fish", 24, min_side=24)
     rng = np.random.default_rng(0)
     noise = [Image.fromarray(rng.integers(0, 255, (48, 48, 3), dtype=np.uint8)) for _ in range(12)]
@@ -150,7 +143,8 @@ def test_realism_real_vs_noise_against_real_floor(no_network):
         realism(real[:3], noise)
 
 
-def test_lite0_yolo_yaml_builds_with_wheel_weights(no_network):
+@pytest.mark.usefixtures("no_network")
+def test_lite0_yolo_yaml_builds_with_wheel_weights():
     from ultralytics.nn.tasks import DetectionModel
 
     from detection.train import make_ultralytics_offline
@@ -168,7 +162,8 @@ def test_lite0_yolo_yaml_builds_with_wheel_weights(no_network):
 
 
 @pytest.mark.slow
-def test_train_detector_from_lite0_yaml_and_reload(tmp_path, no_network):
+@pytest.mark.usefixtures("no_network")
+def test_train_detector_from_lite0_yaml_and_reload(tmp_path):
     """One epoch on 4 aquarium images through `train_detector`, then reload from safetensors."""
     from detection.infer import load_model
     from detection.train import DetectorTrainConfig, train_detector, write_data_yaml

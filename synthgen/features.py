@@ -16,7 +16,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -104,7 +104,6 @@ def to_input(images: Sequence[Image.Image], size: int) -> torch.Tensor:
     return to_tensor_batch(images, size, MEAN, STD)
 
 
-@runtime_checkable
 class FeatureExtractor(Protocol):
     """Anything that maps images to feature vectors: `ImageNetFeatures`, or any scorer (judge,
     BioCLIP). `ident` names the weights and preprocessing, so cached features never mix models."""
@@ -143,16 +142,12 @@ class ImageNetFeatures:
         return np.concatenate(out) if out else np.zeros((0, self.net.num_features), np.float32)
 
 
-def load_features(spec: str, device: str = "auto", batch_size: int = 64, space=None) -> FeatureExtractor:
-    """`imagenet[:SIZE]` (the default, offline) or any scorer spec (`judge:DIR`, `bioclip[:PATH]`, ...)."""
+def load_features(spec: str, device: str = "auto", batch_size: int = 64) -> ImageNetFeatures:
+    """`imagenet` or `imagenet:SIZE` (the CLI's default feature space; scorer specs go to load_scorer)."""
     kind, _, rest = spec.partition(":")
-    if kind == "imagenet":
-        if rest and not rest.isdigit():
-            raise FeatureError(f"features {spec!r}: imagenet takes an image size, e.g. imagenet:128")
-        return ImageNetFeatures(int(rest or 128), device=device, batch_size=batch_size)
-    from synthgen.scoring import load_scorer
-
-    return load_scorer(spec, space, device=device, batch_size=batch_size)
+    if kind != "imagenet" or (rest and not rest.isdigit()):
+        raise FeatureError(f"features {spec!r}: expected imagenet or imagenet:SIZE, e.g. imagenet:128")
+    return ImageNetFeatures(int(rest or 128), device=device, batch_size=batch_size)
 
 
 def default_cache() -> Path:

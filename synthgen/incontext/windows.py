@@ -128,6 +128,7 @@ class WindowSet:
     labels: list[str]
     root: Path
     sources: int  # distinct source tiles used
+    shapes: dict[str, list[list[float]]]  # per label, [long, short] sides in tile px (painted sizes)
     context_channels: int = 4  # masked window (3) + hole (1)
 
     def batch(self, idx: torch.Tensor, g: torch.Generator, dihedral: bool, hflip: bool
@@ -205,4 +206,17 @@ def load_windows(data: str | Path, taxonomy: str | Path | None, cfg: WindowConfi
         holes=torch.from_numpy(np.stack(holes))[:, None].contiguous(),
         valid=torch.from_numpy(np.stack(valids))[:, None].contiguous(),
         lineages=lineages, taxa=taxa, labels=labels, root=Path(data), sources=len(keep),
+        shapes=instance_shapes(ds.boxes, seed=cfg.seed),
     )
+
+
+def instance_shapes(boxes, limit: int = 2000, seed: int = 0) -> dict[str, list[list[float]]]:
+    """Per label, [long side, short side] in tile px of labelled instances (oriented boxes where given),
+    a seeded sample of at most `limit`: what painted animals' sizes are drawn from."""
+    out: dict[str, list[list[float]]] = {}
+    for b in boxes.itertuples():
+        c = corners_of(b)
+        a, s = float(np.linalg.norm(c[1] - c[0])), float(np.linalg.norm(c[2] - c[1]))
+        out.setdefault(b.label, []).append([round(max(a, s), 2), round(min(a, s), 2)])
+    rng = np.random.default_rng(seed)
+    return {k: [v[i] for i in sorted(rng.choice(len(v), min(limit, len(v)), replace=False))] for k, v in out.items()}

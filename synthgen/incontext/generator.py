@@ -1,0 +1,237 @@
+"""The in-context generator: paints a taxon into a hole in a real tile.
+
+Why: a generator trained from scratch on a few thousand small chips cannot draw a whole scene well
+on a CPU, and a chip pasted into a tile carries its own ice, light and halo. Here the tile already
+holds the scene: the UNet sees the window with the hole zeroed and the hole's mask (extra input
+channels, as diffusers' inpainting UNets take them) and draws only what belongs in the hole; every
+pixel outside the hole stays the tile's own. Sizes and orientations come from the training labels
+(`shapes.json`), so a painted seal has a real seal's size at the tile's scale.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from pydantic import BaseModel, ConfigDict, Field
+
+from synthgen.errors import SynthgenError
+from synthgen.generator import register_generator, write_index
+from synthgen.guidance import GuidanceConfig, reference_codes
+from synthgen.incontext.windows import WindowConfig, context_of, cut_window, grow, hole_mask
+from synthgen.io_utils import write_json
+
+SHAPES_FILE = "shapes.json"
+
+
+class PaintConfig(BaseModel):
+    """How holes are painted (sampler, steps, guidance) and blended back into the tile."""
+
+    model_config = ConfigDict(extra="forbid")
+    sampler: str = "ddim"
+    steps: int = Field(25, ge=1)
+    guidance: GuidanceConfig = GuidanceConfig(mode="cfg", scale=1.5)
+    feather: float = Field(0.06, ge=0, le=0.5, description="edge blur of the pasted hole, as a fraction of the window")
+    batch_size: int = Field(32, ge=1)
+    device: str = "auto"
+    seed: int = 0
+
+
+@dataclass
+class Placement:
+    """One animal to paint: its oriented box (4 corners, tile px), lineage and seed."""
+
+    corners: np.ndarray
+    taxon: str
+    label: str
+    lineage: dict[str, str]
+    seed: int
+
+
+def oriented_box(center: tuple[float, float], long: float, short: float, angle: float) -> np.ndarray:
+    """Corners of a long x short box centred at `center`, its long axis at `angle` radians."""
+    ca, sa = np.cos(angle), np.sin(angle)
+    u, v = np.array([ca, sa]) * long / 2, np.array([-sa, ca]) * short / 2
+    c = np.asarray(center, float)
+    return np.stack([c - u - v, c + u - v, c + u + v, c - u + v])
+
+
+def sample_placements(tile_wh: tuple[int, int], occupied: list[np.ndarray], shapes: list[list[float]], n: int,
+                      margin: float, rng: np.random.Generator, tries: int = 200) -> list[np.ndarray]:
+    """Up to n oriented boxes whose grown holes lie inside the tile and overlap neither a labelled
+    animal (`occupied`, grown the same) nor each other; shapes drawn from the training labels."""
+    from shapely.geometry import Polygon
+
+    w, h = tile_wh
+    taken = [Polygon(grow(c, margin)) for c in occupied]
+    out: list[np.ndarray] = []
+    for _ in range(tries):
+        if len(out) >= n:
+            break
+        long, short = shapes[int(rng.integers(len(shapes)))]
+        corners = oriented_box((rng.uniform(0, w), rng.uniform(0, h)), long, short, rng.uniform(0, np.pi))
+        hole = grow(corners, margin)
+        if hole.min() < 0 or hole[:, 0].max() > w or hole[:, 1].max() > h:
+            continue
+        poly = Polygon(hole)
+        if any(poly.intersects(t) for t in taken):
+            continue
+        taken.append(poly)
+        out.append(corners)
+    return out
+
+
+@register_generator("incontext")
+class InContextGenerator:
+    """A taxonomy-conditioned UNet that paints into windows of real tiles."""
+
+    def __init__(self, model, sched_config: dict, window: WindowConfig, shapes: dict[str, list[list[float]]],
+                 taxonomy: dict | None = None, meta: dict | None = None):
+        if model.context_channels != 4:
+            raise SynthgenError(f"an in-context model takes 4 context channels; this UNet takes {model.context_channels}")
+        self.model, self.sched_config, self.window, self.shapes = model, sched_config, window, shapes
+        self.taxonomy, self.meta = taxonomy, meta or {}
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str = "auto") -> InContextGenerator:
+        from synthgen.device import resolve_device
+        from synthgen.pipelines.sampling import load_model
+
+        folder = Path(folder)
+        model, sched = load_model(folder, resolve_device(device))
+        train_cfg = yaml.safe_load((folder / "train_config.yaml").read_text(encoding="utf-8"))
+        shapes_file = folder / SHAPES_FILE
+        if not shapes_file.exists():
+            raise SynthgenError(f"{shapes_file}: missing; {folder} is not a complete in-context model folder")
+        tax = folder / "taxonomy.json"
+        meta_file = folder / "synthgen_model.json"
+        return cls(model, sched, WindowConfig.model_validate(train_cfg["window"]),
+                   json.loads(shapes_file.read_text(encoding="utf-8")),
+                   json.loads(tax.read_text(encoding="utf-8")) if tax.exists() else None,
+                   json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None)
+
+    @classmethod
+    def from_checkpoint(cls, checkpoint: str | Path, train_config: str | Path, ema: bool = True,
+                        device: str = "auto") -> InContextGenerator:
+        """A generator from a training checkpoint (`OUT/checkpoints/step-N`) and the run's config:
+        look at samples while a run goes on, or compare EMA with raw weights."""
+        from safetensors.torch import load_file
+
+        from synthgen.device import resolve_device
+        from synthgen.models import ConditionedUNet, TaxonVocab
+        from synthgen.train import TrainConfig
+        from synthgen.train.trainer import load_training_data, noise_scheduler
+
+        checkpoint = Path(checkpoint)
+        weights = checkpoint / ("ema.safetensors" if ema else "model.safetensors")
+        if not weights.exists():
+            raise SynthgenError(f"{weights}: not found; point at a `checkpoints/step-N` folder of `synthgen train`")
+        cfg = TrainConfig.from_yaml(train_config)
+        if cfg.backend != "incontext":
+            raise SynthgenError(f"{train_config}: backend {cfg.backend!r}, not an in-context config")
+        data = load_training_data(cfg, progress=False)
+        model = ConditionedUNet.create(cfg.preset, cfg.image_size, TaxonVocab.from_lineages(data.lineages), cfg.mlp,
+                                       context_channels=data.context_channels)
+        model.load_state_dict({k: v.to(torch.float32) for k, v in load_file(str(weights)).items()})
+        model.eval().to(resolve_device(device))
+        return cls(model, dict(noise_scheduler(cfg).config), cfg.window, data.shapes,
+                   meta={"checkpoint": str(checkpoint), "ema": ema})
+
+    def save_pretrained(self, folder: str | Path) -> None:
+        """The model folder: UNet + taxonomy encoder + scheduler + window + shapes, index last."""
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        self.model.cpu().save(folder)
+        from diffusers import DDPMScheduler
+
+        DDPMScheduler.from_config(self.sched_config).save_config(folder / "scheduler")
+        with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
+            yaml.safe_dump({"window": self.window.model_dump()}, f)
+        write_json(folder / SHAPES_FILE, self.shapes)
+        if self.taxonomy is not None:
+            write_json(folder / "taxonomy.json", self.taxonomy)
+        write_json(folder / "synthgen_model.json", {**self.meta, "backend": "incontext"})
+        write_index(folder, "incontext", type(self))
+
+    # --- painting -------------------------------------------------------------------------------
+    @torch.inference_mode()
+    def paint(self, windows: np.ndarray, holes: np.ndarray, lineages: list[dict[str, str]], seeds: list[int],
+              cfg: PaintConfig | None = None) -> np.ndarray:
+        """Paint each hole: windows uint8 [B,S,S,3], holes {0,1} [B,S,S] -> uint8 [B,S,S,3], pixels
+        outside the hole exactly the input's."""
+        from synthgen.pipelines.sampling import GuidedSampler
+
+        cfg = cfg or PaintConfig()
+        s = self.model.sample_size
+        if windows.shape[1:] != (s, s, 3) or holes.shape[1:] != (s, s):
+            raise SynthgenError(f"windows must be [B,{s},{s},3] with holes [B,{s},{s}]; got {windows.shape}, {holes.shape}")
+        vocab = self.model.vocab
+        sampler = GuidedSampler(self.model, self.sched_config, cfg.sampler, cfg.steps)
+        out = np.empty_like(windows)
+        for a in range(0, len(windows), cfg.batch_size):
+            sl = slice(a, a + cfg.batch_size)
+            x = torch.from_numpy(windows[sl]).permute(0, 3, 1, 2).float().div(127.5).sub(1)
+            hole = torch.from_numpy(holes[sl]).float()[:, None]
+            codes = torch.tensor([vocab.encode(lin) for lin in lineages[sl]])
+            refs = torch.tensor([reference_codes(tuple(c), cfg.guidance.mode, cfg.guidance.reference, vocab.levels)
+                                 for c in codes.tolist()])
+            noise = torch.stack([torch.randn((3, s, s), generator=torch.Generator().manual_seed(sd)) for sd in seeds[sl]])
+            img = sampler(noise, codes, refs, cfg.guidance, context=context_of(x, hole)).numpy()
+            m = holes[sl][..., None].astype(bool)
+            out[sl] = np.where(m, img, windows[sl])
+        return out
+
+    def window_for(self, corners: np.ndarray, tile_wh: tuple[int, int]) -> tuple[tuple[int, int], int]:
+        """(origin, native side) of the window centred on a hole, moved inside the tile where it fits."""
+        native = self.window.native_side(float((corners.max(0) - corners.min(0)).max()))  # as in training
+        c = corners.mean(0)
+        origin = []
+        for axis, extent in ((0, tile_wh[0]), (1, tile_wh[1])):
+            o = round(c[axis] - native / 2)
+            origin.append(int(min(max(o, 0), max(extent - native, 0))))
+        return (origin[0], origin[1]), native
+
+    def paint_tile(self, tile: np.ndarray, placements: list[Placement], cfg: PaintConfig | None = None
+                   ) -> tuple[np.ndarray, list[np.ndarray]]:
+        """The tile with every placement painted in (one batch), and the painted windows (model size)."""
+        import cv2
+
+        cfg = cfg or PaintConfig()
+        if not placements:
+            return tile, []
+        h, w = tile.shape[:2]
+        s = self.model.sample_size
+        wins, holes, where = [], [], []
+        for p in placements:
+            hole = grow(p.corners, self.window.margin)
+            if hole.min() < 0 or hole[:, 0].max() > w or hole[:, 1].max() > h:
+                raise SynthgenError(f"hole {np.round(p.corners, 1).tolist()} lies off the {w}x{h} tile")
+            origin, native = self.window_for(p.corners, (w, h))
+            rgb, _ = cut_window(tile, origin, native, s)
+            wins.append(rgb)
+            holes.append(hole_mask(hole, origin, native, s))
+            where.append((origin, native, hole))
+        painted = self.paint(np.stack(wins), np.stack(holes), [p.lineage for p in placements],
+                             [p.seed for p in placements], cfg)
+        out = tile.copy()
+        for img, (origin, native, hole) in zip(painted, where, strict=True):
+            up = cv2.resize(img, (native, native), interpolation=cv2.INTER_CUBIC)
+            m = np.zeros((native, native), np.float32)
+            cv2.fillPoly(m, [np.round(hole - np.asarray(origin)).astype(np.int32)], 1.0)
+            k = cfg.feather * native
+            if k > 0:
+                m = np.minimum(m, cv2.GaussianBlur(m, (0, 0), k))  # fade inside the hole, never outside it
+            x0, y0 = origin
+            x1, y1 = min(x0 + native, w), min(y0 + native, h)
+            m = m[: y1 - y0, : x1 - x0, None]
+            region = out[y0:y1, x0:x1].astype(np.float32)
+            out[y0:y1, x0:x1] = np.round(region * (1 - m) + up[: y1 - y0, : x1 - x0] * m).astype(np.uint8)
+        return out, list(painted)

@@ -1,0 +1,145 @@
+"""The in-context generator: windows cut from real tiles, training, painting into holes, bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from synthgen.errors import SynthgenError
+from synthgen.incontext.generator import (
+    InContextGenerator,
+    PaintConfig,
+    Placement,
+    oriented_box,
+    sample_placements,
+)
+from synthgen.incontext.windows import WindowConfig, cut_window, grow, hole_mask, place_window, source_groups
+
+SEALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "glacierbay-seals"
+TAXONOMY = Path(__file__).resolve().parents[1] / "configs" / "taxonomy" / "glacierbay-seals.csv"
+
+
+def test_source_groups_are_case_insensitive():
+    names = ["a_jpg.rf.1.jpg", "A_JPG.rf.2.jpg", "b_JPG.rf.3.jpg", "c.jpg"]
+    assert source_groups(names, r"^(.+?)_jpg\.rf\.") == ["a", "a", "b", "c.jpg"]
+
+
+def test_window_holds_the_instance_inside_the_tile():
+    rng = np.random.default_rng(0)
+    corners = oriented_box((20, 300), 80, 30, 0.3)
+    for _ in range(50):
+        x, y = place_window(grow(corners, 0.15), 96, (640, 640), rng)
+        assert 0 <= x <= 640 - 96 and 0 <= y <= 640 - 96
+        hole = grow(corners, 0.15)
+        lo, hi = hole.min(0).clip(0), hole.max(0)
+        assert x <= lo[0] and x + 96 >= min(hi[0], 640) and y <= lo[1] and y + 96 >= hi[1]
+
+
+def test_cut_window_marks_padding():
+    tile = np.full((50, 60, 3), 200, np.uint8)
+    rgb, valid = cut_window(tile, (-20, 0), 40, 20)
+    assert rgb.shape == (20, 20, 3) and valid.shape == (20, 20)
+    assert valid[:, :10].sum() == 0 and valid[:, 10:].all()
+
+
+def test_placements_avoid_animals_and_stay_on_the_tile():
+    rng = np.random.default_rng(1)
+    occupied = [oriented_box((320, 320), 200, 200, 0.0)]
+    places = sample_placements((640, 640), occupied, [[76, 29]], 6, 0.15, rng)
+    assert len(places) == 6
+    from shapely.geometry import Polygon
+
+    big = Polygon(grow(occupied[0], 0.15))
+    for c in places:
+        hole = grow(c, 0.15)
+        assert hole.min() >= 0 and hole.max() <= 640
+        assert not Polygon(hole).intersects(big)
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory) -> Path:
+    """A tiny in-context seal model trained for a few steps on the real seal tiles."""
+    from synthgen.train import TrainConfig, train
+
+    root = tmp_path_factory.mktemp("ic")
+    cfg = TrainConfig(backend="incontext", data=SEALS / "data.yaml", taxonomy=TAXONOMY, image_size=16,
+                      window=WindowConfig(size=16, native=96, context=1.2, jitters=1), preset="tiny",
+                      steps_per_stage=3, batch_size=4, warmup_steps=1, checkpoint_every=2, dihedral=True,
+                      hflip=False, min_snr_gamma=5.0, threads=1)
+    res = train(cfg, root / "model", progress=False)
+    assert res.steps == 3
+    return root / "model"
+
+
+@pytest.mark.slow
+def test_trained_folder_has_index_shapes_and_loads(tiny_model):
+    from synthgen.generator import load_generator, read_index
+
+    assert read_index(tiny_model)["kind"] == "incontext"
+    shapes = yaml.safe_load((tiny_model / "shapes.json").read_text())
+    long, short = np.median(np.array(shapes["seal"]), 0)
+    assert 60 < long < 95 and 20 < short < 40  # the harbour seals' oriented boxes (median 76 x 29 px)
+    gen = load_generator(tiny_model, device="cpu")
+    assert isinstance(gen, InContextGenerator) and gen.window.native == 96
+
+
+@pytest.mark.slow
+def test_paint_changes_only_the_hole(tiny_model):
+    gen = InContextGenerator.from_pretrained(tiny_model, device="cpu")
+    rng = np.random.default_rng(0)
+    tile = rng.integers(0, 255, (200, 240, 3), dtype=np.uint8)
+    corners = oriented_box((120, 100), 70, 28, 0.5)
+    lineage = next(iter(yaml.safe_load((tiny_model / "taxon_counts.json").read_text()).values()))["lineage"]
+    cfg = PaintConfig(steps=2)
+    out, windows = gen.paint_tile(tile, [Placement(corners, "Phoca vitulina", "seal", lineage, seed=3)], cfg)
+    hole = np.zeros(tile.shape[:2], np.uint8)
+    import cv2
+
+    cv2.fillPoly(hole, [np.round(grow(corners, gen.window.margin)).astype(np.int32)], 1)
+    outside = cv2.dilate(hole, np.ones((3, 3), np.uint8)) == 0
+    assert np.array_equal(out[outside], tile[outside])  # the tile's own pixels, exactly
+    assert (out[hole == 1] != tile[hole == 1]).any()
+    again, _ = gen.paint_tile(tile, [Placement(corners, "Phoca vitulina", "seal", lineage, seed=3)], cfg)
+    assert np.array_equal(out, again)  # one seed, one animal
+    # a window-level paint keeps every pixel outside its hole
+    win = windows[0][None]
+    m = hole_mask(grow(corners, 0.15), gen.window_for(corners, (240, 200))[0], 96, 16)[None]
+    painted = gen.paint(win, m, [lineage], [1], cfg)
+    assert np.array_equal(painted[m == 0], win[m == 0])
+
+
+@pytest.mark.slow
+def test_bad_input_is_one_line(tiny_model, tmp_path):
+    from synthgen.generator import load_generator
+
+    gen = InContextGenerator.from_pretrained(tiny_model, device="cpu")
+    tile = np.zeros((100, 100, 3), np.uint8)
+    with pytest.raises(SynthgenError, match="off the 100x100 tile"):
+        gen.paint_tile(tile, [Placement(oriented_box((95, 50), 60, 20, 0.0), "x", "seal", {}, 0)])
+    with pytest.raises(SynthgenError, match="model folder not found"):
+        load_generator(tmp_path / "nothing")
+    with pytest.raises(SynthgenError, match="needs a 'pixel' model"):
+        load_generator(tiny_model, kind="pixel")
+    with pytest.raises(SynthgenError, match="not an in-context config|backend"):
+        InContextGenerator.from_checkpoint(next((tiny_model / "checkpoints").glob("step-*")),
+                                           Path(__file__).resolve().parents[1] / "configs/train/tiny.yaml")
+
+
+def test_padding_is_left_out_of_the_loss():
+    from synthgen.train.trainer import diffusion_loss
+
+    pred, target = torch.zeros(2, 3, 4, 4), torch.zeros(2, 3, 4, 4)
+    target[:, :, :, :2] = 5.0  # large error only where the window was padding
+    weight = torch.ones(2, 1, 4, 4)
+    weight[:, :, :, :2] = 0
+    snr = torch.tensor([1.0, 10.0])
+    assert diffusion_loss(pred, target, weight, snr, None, "v_prediction") == 0
+    assert diffusion_loss(pred, target, None, snr, None, "v_prediction") > 0
+    # Min-SNR-gamma (v): min(snr, 5) / (snr + 1) per sample
+    full = diffusion_loss(pred, target, None, snr, 5.0, "v_prediction")
+    per = (target.pow(2).mean(dim=(1, 2, 3)) * torch.tensor([0.5, 5 / 11])).mean()
+    assert torch.isclose(full, per)

@@ -6,10 +6,14 @@ import json
 from pathlib import Path
 
 import pytest
+from PIL import Image
 
 from synthgen.benchmark import BenchmarkConfig, ScaleConfig, run_benchmark
 from synthgen.benchmark.cache import StageCache, stage_hash
-from synthgen.benchmark.report import write_report
+from synthgen.benchmark.config import ArmsConfig
+from synthgen.benchmark.report import stage_times, write_report
+
+ALL_ARMS = {"copy_paste": {}, "synthgen": {}, "synth_only": {}, "pretrain_finetune": {}, "real_long": {}}
 
 
 def test_stage_cache_skips_reruns_and_rebuilds_on_change(tmp_path):
@@ -31,7 +35,9 @@ def test_stage_cache_skips_reruns_and_rebuilds_on_change(tmp_path):
     other.write_text(cfg.read_text())
     assert stage_hash({"config": str(other)}) == stage_hash({"config": str(cfg)})
     assert c.run("a", stage_hash({"lr": 1}), build) == {"n": 1}
+    took = c.seconds["a"]
     assert c.run("a", stage_hash({"lr": 1}), build) == {"n": 1} and calls == ["a"]
+    assert c.seconds["a"] == took >= 0  # a cached stage reports the wall time it took when it ran
     assert c.run("a", stage_hash({"lr": 2}), build) == {"n": 2}
     # killed mid-way (no marker): non-resumable stages start clean, resumable ones keep their folder
     (tmp_path / "b").mkdir()
@@ -64,8 +70,8 @@ def _cfg(seals, configs, conf=0.25, arms=None) -> BenchmarkConfig:
     )
     return BenchmarkConfig(
         name="seals-tiny", dataset=str(seals), taxonomy=str(configs / "taxonomy" / "glacierbay-seals.csv"),
-        group_pattern=r"^(.+?)_jpg\.rf\.", val_fraction=0.02, scales={"tiny": scale},
-        **({"arms": arms} if arms else {}),
+        groups={"tile": r"^(.+?)_jpg\.rf\.", "frame": r"^(.+)_\d+_\d+_jpg\.rf\."}, val_fraction=0.02,
+        scales={"tiny": scale}, arms=ArmsConfig(**(arms if arms is not None else ALL_ARMS)),
     )
 
 
@@ -76,11 +82,13 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
 
     # split protocol: valid is the test set, train groups never cross train/val
     assert res["split"]["counts"]["test"] == 151
-    assert res["split"]["leaked_groups_dropped"] == 0
+    assert res["split"]["leak"]["train_images_dropped"] == 555
     runs = res["runs"]
     assert res["skipped_arms"] == {}
     assert sorted(r["arm"] for r in runs) == sorted(["real", "copy_paste", "synthgen", "synth_only",
-                                                     "pretrain_finetune"])
+                                                     "pretrain_finetune", "real_long"])
+    steps = {r["arm"]: r["optimizer_steps"] for r in runs}  # the control takes arm 5's optimizer steps
+    assert steps["real_long"] >= steps["pretrain_finetune"] - steps["real"] // 2 and steps["real_long"] > 0
     for r in runs:
         assert 0 <= r["map50"] <= 1 and r["n_images"] == 151 and r["n_gt"] == 261  # README: 261 seals
     cell = work / "cells" / "f0.01-s0"
@@ -101,7 +109,8 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
     assert not test_imgs & real
 
     md = (out / "report.md").read_text()
-    assert "At 1% of the real data, real + synthgen vs real-only" in md and "## Results" in md
+    assert "At 1% real, 3b. real + cut-and-paste synthgen vs real-only" in md and "## Results" in md
+    assert "**Goal:**" in md and "## Stage wall times" in md
     html = (out / "report.html").read_text()
     assert "data:image/png;base64," in html and "<table>" in html and 'src="map_vs' not in html
     assert (out / "example_synthetic_tiles.png").is_file() and (out / "example_instances.png").is_file()
@@ -117,10 +126,10 @@ def test_tiny_benchmark_all_arms_runs_caches_and_reports(seals, configs, tmp_pat
 
     # changing an evaluation setting redoes the evaluations only: no data, generator or detector stage
     res3 = run_benchmark(_cfg(seals, configs, conf=0.5), "tiny", out, work, device="cpu", progress=False)
-    assert res3["stages"]["ran"] == 5
+    assert res3["stages"]["ran"] == 6  # one evaluation per arm
     # split, subset, chips (x2: copy-paste and synthgen share it), generator, generated, filtered,
-    # 2 composes, 5 detectors + synth_only reused by pretrain_finetune
-    assert res3["stages"]["cached"] == 15
+    # 2 composes, 6 detectors + synth_only reused by pretrain_finetune
+    assert res3["stages"]["cached"] == 16
     assert [r["map50"] for r in res3["runs"]] == [r["map50"] for r in runs]  # mAP does not use the threshold
 
 
@@ -133,11 +142,11 @@ def test_missing_stage_is_reported_not_dropped(seals, configs, tmp_path, monkeyp
 
     monkeypatch.setattr(synthetic, "train_generator", unavailable)
     monkeypatch.chdir(tmp_path)  # relative folders, as the CLI defaults give (runs/benchmarks/...)
-    res = run_benchmark(_cfg(seals, configs, arms=["real", "synthgen"]), "tiny", "r", "w", device="cpu",
+    res = run_benchmark(_cfg(seals, configs, arms={"synthgen": {}}), "tiny", "r", "w", device="cpu",
                         progress=False)
     assert [r["arm"] for r in res["runs"]] == ["real"]
     assert "not available (test)" in res["skipped_arms"]["synthgen"]
-    assert "Not answered" in (tmp_path / "r" / "report.md").read_text()
+    assert "Goal not answered" in (tmp_path / "r" / "report.md").read_text()
 
 
 def _report(tmp_path, maps: dict[str, float]) -> str:
@@ -149,29 +158,111 @@ def _report(tmp_path, maps: dict[str, float]) -> str:
             runs.append({"arm": arm, "fraction": 0.1, "seed": seed, "map50": m + 0.01 * seed, "map50_95": m / 2,
                          "precision": 0.5, "recall": 0.5, "f1": 0.5, "count_mae": 1.0,
                          "ap50_per_class": {"seal": m}})
+    for r in runs:
+        r["optimizer_steps"] = 100
+    ivs = [{"test": "test", "arm": a, "fraction": 0.1, "mean": m - maps["real"], "lo": m - maps["real"] - 0.02,
+            "hi": m - maps["real"] + 0.02, "half_width": 0.02, "n_seeds": 3} for a, m in maps.items() if a != "real"]
     res = {"name": "x", "scale": "tiny", "config": base, "runs": runs, "skipped_arms": {}, "example_tiles": [],
+           "intervals": ivs, "stage_seconds": {"split": 3.0, "cells/f0.1-s0/real": 60.0,
+                                               "cells/f0.1-s0/real/eval-test": 5.0},
            "split": {"names": ["seal"], "counts": {"test": 1, "train": 1, "val": 1}, "leaked_groups_dropped": 0,
                      "groups": {"train": 1, "val": 1, "test": 1}}, "stages": {"ran": 0, "cached": 0}}
     return write_report(res, tmp_path).read_text()
 
 
-def test_report_states_goal_outcome_from_paired_runs(tmp_path):
+def test_report_states_goal_outcome_from_intervals(tmp_path):
     md = _report(tmp_path, {"real": 0.30, "copy_paste": 0.33, "synthgen": 0.37})
-    assert "+7.0 mAP50 points" in md and "**met**" in md and "beats copy-paste" in md
-    assert "Not answerable" not in md
+    assert "+7.0 points [95 % interval +5.0, +9.0]" in md and "helps (interval excludes zero)" in md
+    assert "Goal: **met**" in md and "Not answerable" not in md and "## Stage wall times" in md
+    # +1 point with an interval over zero: not shown to help, and the goal is stated as not met
+    md = _report(tmp_path, {"real": 0.30, "copy_paste": 0.33, "synthgen": 0.31})
+    assert "not shown to help (interval includes zero)" in md and "Goal: **not met**" in md
+    assert "**Goal:** at 10% real, real + synthgen >= real-only + 5 mAP50 points" in md
+    assert "What holds it back" in md
+
+
+def test_stage_times_group_by_kind():
+    t = stage_times({"split": 2.0, "cells/f0.1-s0/real": 10.0, "cells/f0.1-s1/real": 12.0,
+                     "cells/f0.1-s0/real/eval-test": 1.0, "cells/f0.1-s0/generator": 30.0, "tests/x": 4.0})
+    got = dict(zip(t.stage, t.seconds, strict=True))
+    assert got == {"split": 2.0, "detector real": 22.0, "eval-test": 1.0, "generator": 30.0,
+                   "further test set": 4.0, "total": 59.0}
 
 
 def test_report_refuses_to_read_differences_over_an_unlearned_baseline(tmp_path):
     """A real-only detector near mAP50 0 makes every arm difference noise; the report must say so."""
     md = _report(tmp_path, {"real": 0.001, "copy_paste": 0.002, "synthgen": 0.004})
     assert "**Not answerable at this scale:**" in md and "mAP50 0.011" in md
-    assert "**Did synthetic data help?** Not shown" in md
-    assert "beats copy-paste" not in md and "no ranking of the two at this scale" in md
-    assert "has not learned the task" in md
+    assert "Goal: **met**" not in md and "has not learned the task" in md
 
 
 def _cfg_dict() -> dict:
     return BenchmarkConfig(name="x", dataset="/tmp", scales={"tiny": ScaleConfig()}).model_dump(mode="json")
+
+
+def test_incontext_arm_calls_augment_dataset_with_the_generator(tmp_path, monkeypatch):
+    """The in-context arm is the same augment-dataset call given `generator=MODEL`; until that entry point
+    takes one, the arm is reported as not run with the config key named."""
+    from synthgen.benchmark import synthetic
+
+    lst = tmp_path / "train.txt"
+    lst.write_text("a.jpg\n")
+    with pytest.raises(synthetic.StageUnavailable, match="arms.incontext.model = /models/seal"):
+        synthetic.paint("/data", "/models/seal", lst, tmp_path / "o", n_images=3, seed=0)
+    calls = []
+
+    def augment(dataset, pools, out, config=None, image_list=None, n_images=None, seed=None, generator=None):
+        calls.append((dataset, pools, generator, n_images, seed, str(image_list)))
+        (out / "train_synthetic.txt").parent.mkdir(parents=True, exist_ok=True)
+        (out / "train_synthetic.txt").write_text("x.jpg\n")
+
+    monkeypatch.setattr(synthetic, "augment_dataset", augment)
+    got = synthetic.paint("/data", "/models/seal", lst, tmp_path / "o", n_images=3, seed=7)
+    assert got == tmp_path / "o" / "train_synthetic.txt"
+    assert calls == [("/data", [], "/models/seal", 3, 7, str(lst))]
+
+
+@pytest.mark.slow
+def test_smoke_scale_end_to_end_and_test_sets_add_evaluations_only(configs, seals, tmp_path):
+    """The documented smoke scale runs every stage of the real config (native windows, sliced inference,
+    every arm, intervals, report); a rerun with `--test NAME=DATA` retrains nothing: every earlier stage is
+    a cache hit and only the further test set and its evaluations run."""
+    from typer.testing import CliRunner
+
+    from cli import app
+
+    cfg = configs / "benchmarks" / "glacierbay-seals.yaml"
+    work, out = tmp_path / "work", tmp_path / "report"
+    res = run_benchmark(cfg, "smoke", out, work, device="cpu", progress=False)
+    arms = {"real", "copy_paste", "synthgen", "synth_only", "pretrain_finetune", "real_long"}
+    assert res["skipped_arms"] == {} and {r["arm"] for r in res["runs"]} == arms
+    assert len(res["runs"]) == 12 and all(r["n_images"] == 12 for r in res["runs"])
+    assert {(i["arm"], i["n_seeds"]) for i in res["intervals"]} == {(a, 2) for a in arms - {"real"}}
+    assert all(i["lo"] <= i["mean"] <= i["hi"] for i in res["intervals"])
+    windows = (work / "cells" / "f0.002-s0" / "subset" / "train_windows.txt").read_text().split()
+    assert windows and all(Image.open(w).size == (320, 320) for w in windows[:5])
+    md = (out / "report.md").read_text()
+    assert "**Goal:**" in md and "Native scale: detectors train on 320 px windows" in md
+    assert "55 train images" not in md and "555 train images (185 source tiles) are left out" in md
+
+    before_ran, n_stages = res["stages"]["ran"], res["stages"]["ran"] + res["stages"]["cached"]
+    assert before_ran == n_stages  # the first run ran everything
+    later_yaml = tmp_path / "later" / "data.yaml"  # a user's own set: here the seals' valid tiles, by reference
+    later_yaml.parent.mkdir()
+    later_yaml.write_text(f"path: {seals}\nval: valid/images\nnames: ['seal']\n")
+    r = CliRunner().invoke(app, ["benchmark", "--config", str(cfg), "--scale", "smoke", "--work", str(work),
+                                 "--out", str(out), "--device", "cpu", "--test", f"later={later_yaml}"])
+    assert r.exit_code == 0, r.output
+    res2 = json.loads((out / "results.json").read_text())
+    assert res2["stages"]["cached"] == n_stages  # every detector and data stage: a cache hit
+    assert res2["stages"]["ran"] == 1 + 12  # the test set, and one evaluation per trained detector
+    assert res2["runs"] == res["runs"]
+    later = res2["further_tests"]["later"]
+    assert len(later["runs"]) == 12 and later["info"]["images"] == 151
+    # the seals' valid tiles: none shares a source tile with training, and none of their frames is
+    # left in training either (those 555 train images were dropped)
+    assert later["info"]["share_tile"] == 0 and later["info"]["share_frame"] == 0
+    assert "## Further test set `later`" in (out / "report.md").read_text()
 
 
 def test_generator_stage_key_covers_train_defaults():

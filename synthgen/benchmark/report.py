@@ -71,7 +71,7 @@ def verdict(results: dict, runs: pd.DataFrame, intervals: pd.DataFrame) -> list[
     for a in gen_arms:
         r = iv.loc[a]
         helps = r.lo > 0
-        met = helps and r.mean >= gain and cp is not None and r.mean > cp.mean and base >= BASELINE_FLOOR
+        met = helps and r["mean"] >= gain and cp is not None and r["mean"] > cp["mean"] and base >= BASELINE_FLOOR
         met_any |= met
         lines.append(f"At {f:.0%} real, {ARMS[a]} vs real-only: {_iv(r)} over {int(r.n_seeds)} paired seeds; "
                      f"{'helps (interval excludes zero)' if helps else 'not shown to help (interval includes zero)' if r.lo <= 0 <= r.hi else 'hurts (interval below zero)'}. "

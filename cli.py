@@ -313,12 +313,14 @@ def generate_cmd(
     window_from_branch_points: bool | None = typer.Option(
         None, help="pixel: per taxon, guide from the step where it branches from its reference (the model's "
                    "branch_points.json, `synthgen branch-points`); --window where there is none"),
+    backgrounds: Path | None = typer.Option(None, help="incontext: dataset whose tiles the animals are painted into"),
+    split: str | None = typer.Option(None, help="incontext: only this split of --backgrounds"),
 ) -> None:
     """Generate labelled instances of a taxon with any generator kind; resumable, each image reproducible from its seed."""
     from synthgen.errors import SynthgenError
     from synthgen.generator import load_generator
 
-    _refuse(out, model, config, what="pool folder")
+    _refuse(out, model, config, what="pool folder", dataset=backgrounds)
     try:
         w = tuple(float(v) for v in window.split(",")) if window is not None else None
     except ValueError:
@@ -328,7 +330,8 @@ def generate_cmd(
         guide = {k: v for k, v in dict(mode=guidance, scale=scale, reference=reference, window=w).items() if v is not None}
         cfg = gen.config_class.from_yaml(config, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
                                          seed=seed, even=even, grid=grid, cache_interval=cache_interval,
-                                         window_from_branch_points=window_from_branch_points, guidance=guide or None)
+                                         window_from_branch_points=window_from_branch_points, guidance=guide or None,
+                                         backgrounds=backgrounds, split=split)
         res = gen.generate(taxon, n, out, cfg)
     except SynthgenError as e:
         _fail(e)

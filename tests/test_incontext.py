@@ -143,3 +143,30 @@ def test_padding_is_left_out_of_the_loss():
     full = diffusion_loss(pred, target, None, snr, 5.0, "v_prediction")
     per = (target.pow(2).mean(dim=(1, 2, 3)) * torch.tensor([0.5, 5 / 11])).mean()
     assert torch.isclose(full, per)
+
+
+@pytest.mark.slow
+def test_cli_generate_paints_a_resumable_pool(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from synthgen.io_utils import read_jsonl
+
+    out = tmp_path / "pool"
+    args = ["generate", "--model", str(tiny_model), "--taxon", "seal", "--out", str(out), "--steps", "2",
+            "--backgrounds", str(SEALS / "data.yaml"), "--split", "val"]
+    r = CliRunner().invoke(app, [*args, "--n", "2"])
+    assert r.exit_code == 0, r.output
+    first = {row["index"]: row for row in read_jsonl(out / "manifest.jsonl")}
+    r = CliRunner().invoke(app, [*args, "--n", "3", "--grid"])
+    assert r.exit_code == 0, r.output
+    rows = read_jsonl(out / "manifest.jsonl")
+    assert sorted(row["index"] for row in rows) == [0, 1, 2]  # resumed: nothing painted twice
+    assert all(first[i] == row for row in rows if (i := row["index"]) in first)
+    assert all((out / row["file"]).exists() and "valid" in row["source"] for row in rows)
+    assert (out / "grids" / "seal.png").exists()
+    # a taxon the model does not know, and a model of another kind's flag: one line each
+    r = CliRunner().invoke(app, [*args, "--n", "1", "--taxon", "Megaptera"])
+    assert r.exit_code == 1 and "Megaptera" in r.output and len(r.output.strip().splitlines()) == 1
+    r = CliRunner().invoke(app, [*args, "--n", "1", "--even"])
+    assert r.exit_code == 1 and "even" in r.output

@@ -11,24 +11,27 @@ pixel outside the hole stays the tile's own. Sizes and orientations come from th
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field
+from PIL import Image
+from pydantic import ConfigDict, Field
 
+from synthgen.config import YamlConfig
 from synthgen.errors import SynthgenError
 from synthgen.generator import register_generator, write_index
 from synthgen.guidance import GuidanceConfig, reference_codes
-from synthgen.incontext.windows import WindowConfig, context_of, cut_window, grow, hole_mask
+from synthgen.incontext.windows import WindowConfig, context_of, corners_of, cut_window, grow, hole_mask
 from synthgen.io_utils import write_json
 
 SHAPES_FILE = "shapes.json"
 
 
-class PaintConfig(BaseModel):
+class PaintConfig(YamlConfig):
     """How holes are painted (sampler, steps, guidance) and blended back into the tile."""
 
     model_config = ConfigDict(extra="forbid")
@@ -39,6 +42,14 @@ class PaintConfig(BaseModel):
     batch_size: int = Field(32, ge=1)
     device: str = "auto"
     seed: int = 0
+
+
+class InContextGenerateConfig(PaintConfig):
+    """`synthgen generate` for an in-context model: windows of background tiles, painted."""
+
+    backgrounds: Path | None = None  # dataset (data.yaml, ...) whose tiles the animals are painted into
+    split: str | None = None  # only this split of the backgrounds (None: all)
+    grid: bool = False
 
 
 @dataclass
@@ -89,6 +100,8 @@ def sample_placements(tile_wh: tuple[int, int], occupied: list[np.ndarray], shap
 class InContextGenerator:
     """A taxonomy-conditioned UNet that paints into windows of real tiles."""
 
+    config_class = InContextGenerateConfig
+
     def __init__(self, model, sched_config: dict, window: WindowConfig, shapes: dict[str, list[list[float]]],
                  taxonomy: dict | None = None, meta: dict | None = None):
         if model.context_channels != 4:
@@ -113,10 +126,12 @@ class InContextGenerator:
             raise SynthgenError(f"{shapes_file}: missing; {folder} is not a complete in-context model folder")
         tax = folder / "taxonomy.json"
         meta_file = folder / "synthgen_model.json"
-        return cls(model, sched, WindowConfig.model_validate(train_cfg["window"]),
-                   json.loads(shapes_file.read_text(encoding="utf-8")),
-                   json.loads(tax.read_text(encoding="utf-8")) if tax.exists() else None,
-                   json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None)
+        gen = cls(model, sched, WindowConfig.model_validate(train_cfg["window"]),
+                  json.loads(shapes_file.read_text(encoding="utf-8")),
+                  json.loads(tax.read_text(encoding="utf-8")) if tax.exists() else None,
+                  json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None)
+        gen.folder = folder
+        return gen
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str | Path, train_config: str | Path, ema: bool = True,
@@ -235,3 +250,101 @@ class InContextGenerator:
             region = out[y0:y1, x0:x1].astype(np.float32)
             out[y0:y1, x0:x1] = np.round(region * (1 - m) + up[: y1 - y0, : x1 - x0] * m).astype(np.uint8)
         return out, list(painted)
+
+    # --- pools ----------------------------------------------------------------------------------
+    def generate(self, taxon: str, n: int, out: str | Path, config: InContextGenerateConfig | None = None,
+                 progress: bool = True):
+        """A resumable pool of `n` painted windows of `taxon`: each index draws its own background
+        tile, place, size and noise from its seed, so it can be remade alone."""
+        from tqdm.auto import tqdm
+
+        from detection import read_dataset
+        from synthgen.io_utils import JsonlAppender, atomic_save_image, read_jsonl
+        from synthgen.pipelines.generate import GenerateResult, allot, image_seed, resolve_targets, slug
+
+        cfg = config or InContextGenerateConfig()
+        if n < 1:
+            raise SynthgenError(f"the number of images must be at least 1, got {n}")
+        if cfg.backgrounds is None:
+            raise SynthgenError("an in-context model paints into real tiles: pass --backgrounds DATA (a dataset "
+                                "such as ../shared/data/glacierbay-seals/data.yaml)")
+        folder = getattr(self, "folder", None)
+        if folder is None:
+            raise SynthgenError("generate needs a model folder (save_pretrained, then load_generator)")
+        targets = resolve_targets(folder, taxon)
+        out = Path(out)
+        settings = {"sampler": cfg.sampler, "steps": cfg.steps, "guidance": cfg.guidance.record(),
+                    "model": self.meta.get("id"), "backgrounds": str(cfg.backgrounds), "split": cfg.split}
+        manifest = out / "manifest.jsonl"
+        done = set()
+        for r in read_jsonl(manifest):
+            if r.get("query", "").lower() != taxon.lower():
+                continue
+            if any(r.get(k) != v for k, v in settings.items()):
+                raise SynthgenError(f"{manifest}: holds {taxon!r} windows made with other settings; use another --out")
+            if (out / r["file"]).exists():
+                done.add(r["index"])
+        todo = [i for i in range(n) if i not in done]
+        t0, written = time.time(), 0
+        if todo:
+            import cv2
+
+            ds = read_dataset(cfg.backgrounds)
+            if cfg.split is not None:
+                if cfg.split not in ds.splits:
+                    raise SynthgenError(f"{cfg.backgrounds}: no split {cfg.split!r} (has {', '.join(ds.splits)})")
+                ds = ds.subset(cfg.split)
+            paths = sorted(ds.images.image_path)
+            if not paths:
+                raise SynthgenError(f"{cfg.backgrounds}: no images to paint into")
+            boxes = {p: [corners_of(b) for b in g.itertuples()] for p, g in ds.boxes.groupby("image_path")}
+            plan = allot(targets, max(todo) + 1)
+            sub = slug(taxon)
+            bar = tqdm(total=len(todo), desc=f"paint {taxon}", unit="img", disable=not progress)
+            with JsonlAppender(manifest) as app:
+                for a in range(0, len(todo), cfg.batch_size):
+                    batch = []
+                    for i in todo[a : a + cfg.batch_size]:
+                        seed = image_seed(cfg.seed, taxon, i)
+                        rng = np.random.default_rng(seed)
+                        tg = plan[i]
+                        shapes = self.shapes.get(tg.label) or next(iter(self.shapes.values()))
+                        for _ in range(20):  # a tile with room for the animal
+                            path = paths[int(rng.integers(len(paths)))]
+                            tile = cv2.cvtColor(cv2.imread(path, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
+                            h, w = tile.shape[:2]
+                            places = sample_placements((w, h), boxes.get(path, []), shapes, 1, self.window.margin, rng)
+                            if places:
+                                break
+                        else:
+                            raise SynthgenError(f"{cfg.backgrounds}: found no room for a {tg.label} in 20 tiles")
+                        origin, native = self.window_for(places[0], (w, h))
+                        rgb, _ = cut_window(tile, origin, native, self.model.sample_size)
+                        hole = hole_mask(grow(places[0], self.window.margin), origin, native, self.model.sample_size)
+                        batch.append((i, seed, tg, path, places[0], origin, native, rgb, hole))
+                    painted = self.paint(np.stack([b[7] for b in batch]), np.stack([b[8] for b in batch]),
+                                         [b[2].lineage for b in batch], [b[1] for b in batch], cfg)
+                    for (i, seed, tg, path, corners, origin, native, _, _), img in zip(batch, painted, strict=True):
+                        rel = f"{sub}/{sub}_{i:06d}.png"
+                        atomic_save_image(Image.fromarray(img), out / rel)
+                        app.write({"file": rel, "index": i, "query": taxon, "label": tg.label, "taxon": tg.taxon,
+                                   "lineage": tg.lineage, "seed": seed, "size": self.model.sample_size, **settings,
+                                   "source": path, "origin": list(origin), "native": native,
+                                   "corners": np.round(corners, 2).tolist()})
+                        written += 1
+                    bar.update(len(batch))
+            bar.close()
+        grids = [write_sheet(out, taxon)] if cfg.grid else []
+        return GenerateResult(out, written, len(done), time.time() - t0, grids)
+
+
+def write_sheet(out: Path, query: str) -> Path:
+    """A contact sheet of the pool's windows of `query` (first 64), under OUT/grids/."""
+    from synthgen.io_utils import read_jsonl
+    from synthgen.pipelines.generate import contact_sheet, slug
+
+    rows = [r for r in read_jsonl(out / "manifest.jsonl") if r.get("query", "").lower() == query.lower()]
+    rows.sort(key=lambda r: r["index"])
+    path = out / "grids" / f"{slug(query)}.png"
+    contact_sheet([out / r["file"] for r in rows], f"{query}: painted windows", path)
+    return path

@@ -155,7 +155,7 @@ def image_seed(base: int, query: str, index: int) -> int:
     return int.from_bytes(h[:8], "little") & ((1 << 63) - 1)
 
 
-def _contact_sheet(paths: list[Path], title: str, out: Path, max_images: int = 64) -> None:
+def contact_sheet(paths: list[Path], title: str, out: Path, max_images: int = 64) -> None:
     """A square sheet of the first `max_images`; the title counts what it shows of how many."""
     total, paths = len(paths), paths[:max_images]
     ims = [Image.open(p).convert("RGB") for p in paths]
@@ -327,6 +327,6 @@ def write_grids(out: Path, query: str) -> list[Path]:
     paths = []
     for taxon, files in sorted(by_taxon.items()):
         p = out / "grids" / f"{slug(taxon)}.png"
-        _contact_sheet(files, taxon, p)
+        contact_sheet(files, taxon, p)
         paths.append(p)
     return paths

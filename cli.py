@@ -291,7 +291,8 @@ def upgrade_model_cmd(folder: Path = typer.Argument(..., help="model folder writ
 
 @app.command("generate")
 def generate_cmd(
-    model: Path = typer.Option(..., help="model folder from `synthgen train` (any kind: its model_index.json says)"),
+    model: Path | None = typer.Option(None, help="model folder from `synthgen train` (any kind: its model_index.json "
+                                      "says); default: the shipped model (models/) that knows --taxon"),
     taxon: str = typer.Option(..., help="taxon at any rank (scientific or common name, or dataset label)"),
     n: int = typer.Option(..., help="number of images (a rerun continues up to n)"),
     out: Path = typer.Option(..., help="pool folder: <taxon>/*.png + manifest.jsonl"),
@@ -320,6 +321,13 @@ def generate_cmd(
     from synthgen.errors import SynthgenError
     from synthgen.generator import load_generator
 
+    if model is None:
+        from synthgen.shipped import model_for
+
+        try:
+            model = model_for(taxon)
+        except SynthgenError as e:
+            _fail(e)
     _refuse(out, model, config, what="pool folder", dataset=backgrounds)
     try:
         w = tuple(float(v) for v in window.split(",")) if window is not None else None

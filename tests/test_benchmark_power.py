@@ -82,3 +82,15 @@ def test_windows_keep_native_pixels_and_clip_cut_boxes(tmp_path):
     assert abs(bw * 320 - 28) < 1e-3 and abs((cx + bw / 2) * 320 - 320) < 1e-3  # clipped at the window edge
     crop = np.asarray(Image.open(wins[0]).convert("RGB")).astype(int)
     assert np.abs(crop - arr[:320, :320]).mean() < 2  # JPEG of the same pixels, not a resize
+
+
+def test_learning_curve_chooses_the_first_epoch_near_the_plateau():
+    from synthgen.benchmark.curve import choose_epochs
+
+    curve = {2: 0.10, 4: 0.30, 6: 0.42, 8: 0.47, 10: 0.48, 12: 0.485, 14: 0.48}
+    rows = [{"seed": s, "epoch": e, "map50": m + (0.01 if s else -0.01)} for s in (0, 1) for e, m in curve.items()]
+    mean, smooth, plateau, chosen = choose_epochs(pd.DataFrame(rows), 0.01)
+    assert list(mean.index) == sorted(curve) and abs(mean[8] - 0.47) < 1e-12  # seeds averaged
+    assert abs(plateau - (0.485 + 0.48) / 2) < 1e-12  # running mean (2 points at the end) damps a lucky one
+    assert chosen == 10  # 8's running mean (0.4567) is 2.6 points short; 10's (0.4783) is within 1
+    assert choose_epochs(pd.DataFrame(rows), 0.5)[3] == 2

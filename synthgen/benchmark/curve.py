@@ -50,11 +50,7 @@ def learning_curve(bench: Benchmark) -> dict:
 
             m = bench.cache.run(f"{folder}/eval-e{e}", key, build)
             rows.append({"seed": seed, "epoch": e, "map50": m["map50"]})
-    df = pd.DataFrame(rows)
-    mean = df.groupby("epoch").map50.mean()
-    smooth = mean.rolling(3, min_periods=1, center=True).mean()
-    plateau = float(smooth.max())
-    chosen = int(smooth.index[np.argmax(smooth.to_numpy() >= plateau - tolerance)])
+    mean, smooth, plateau, chosen = choose_epochs(pd.DataFrame(rows), tolerance)
     res = {"name": bench.cfg.name, "scale": bench.scale_name, "fraction": fraction, "seeds": seeds,
            "imgsz": s.detector.imgsz, "native": s.native.model_dump() if s.native else None,
            "model": s.detector.model, "batch": s.detector.batch, "train_list_images": len(train.read_text().split()),
@@ -62,6 +58,15 @@ def learning_curve(bench: Benchmark) -> dict:
            "points": rows, "stage_seconds": dict(bench.cache.seconds)}
     _write(res, mean, smooth, bench.out)
     return res
+
+
+def choose_epochs(points: pd.DataFrame, tolerance: float) -> tuple[pd.Series, pd.Series, float, int]:
+    """(mean mAP50 per epoch, its running mean of 3, plateau = best running mean, first epoch within
+    `tolerance` of the plateau) from rows of seed, epoch, map50."""
+    mean = points.groupby("epoch").map50.mean()
+    smooth = mean.rolling(3, min_periods=1, center=True).mean()
+    plateau = float(smooth.max())
+    return mean, smooth, plateau, int(smooth.index[np.argmax(smooth.to_numpy() >= plateau - tolerance)])
 
 
 def run_learning_curve(cfg, scale: str = "cpu", out: str | Path | None = None, work: str | Path | None = None,

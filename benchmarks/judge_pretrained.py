@@ -33,8 +33,8 @@ def timed_train(chips: Path, out: Path, cfg: JudgeConfig, background: Path | Non
     return m, time.process_time() - t
 
 
-def arm(name: str, chips: Path, work: Path, budget_s: float, background: Path | None, overrides: dict) -> dict:
-    cfg = JudgeConfig.from_yaml(ARMS[name], **overrides)
+def arm(name: str, chips: Path, work: Path, budget_s: float, background: Path | None) -> dict:
+    cfg = JudgeConfig.from_yaml(ARMS[name])
     probe, _ = timed_train(chips, work / f"{name}-probe", cfg.model_copy(update={"epochs": 1}), background)
     per_epoch = probe["history"][0]["cpu_seconds"]
     epochs = max(1, int(budget_s // per_epoch))
@@ -78,9 +78,14 @@ def markdown(res: dict) -> str:
     for k, label in (("taxon_accuracy", "whole lineage right"), ("balanced_taxon_accuracy", "balanced over taxa")):
         lines.append(f"| {label} | {aq['pretrained']['metrics']['val']['n']} | "
                      f"{aq['pretrained']['metrics']['val'][k]:.3f} | {aq['scratch']['metrics']['val'][k]:.3f} |")
+    lines += ["", "| taxon (rank) | n | pretrained | scratch |", "|---|---|---|---|"]
+    for t, d in aq["pretrained"]["metrics"]["val"]["per_taxon"].items():
+        lines.append(f"| {t} ({d['level']}) | {d['n']} | {d['accuracy']:.3f} | "
+                     f"{aq['scratch']['metrics']['val']['per_taxon'][t]['accuracy']:.3f} |")
     if "seals" in res:
         se = res["seals"]
-        lines += ["", "## Seals: animal-vs-background head (valid seal chips and valid background chips)", "",
+        lines += ["", f"## Seals: animal-vs-background head, {res['seal_budget_min']} CPU minutes each (valid seal "
+                  "chips and valid background chips)", "",
                   "| arm | epochs | accuracy | p_animal seals (mean ± sd) | p_animal background (mean ± sd) |",
                   "|---|---|---|---|---|"]
         for a in ("pretrained", "scratch"):
@@ -107,15 +112,18 @@ def main() -> None:
     torch.set_num_threads(1)
     res = {"budget_min": a.budget_min, "command": "python benchmarks/judge_pretrained.py " + " ".join(
         f"--{k.replace('_', '-')} {v}" for k, v in vars(a).items() if v is not None),
-        "aquarium": {n: arm(n, a.aquarium, a.work / "aquarium", a.budget_min * 60, None, {}) for n in ARMS}}
+        "seal_budget_min": a.seal_budget_min, "aquarium": {}}
+    a.out.mkdir(parents=True, exist_ok=True)
+    for n in ARMS:  # finished arms are reused: train_judge returns a finished folder's metrics
+        res["aquarium"][n] = arm(n, a.aquarium, a.work / "aquarium", a.budget_min * 60, None)
+        write_json(a.out / "results.json", res)  # partial results survive a kill
     if a.seals and a.seal_background:
         res["seals"] = {}
         for n in ARMS:
-            d = arm(n, a.seals, a.work / "seals", a.seal_budget_min * 60, a.seal_background, {})
+            d = arm(n, a.seals, a.work / f"seals-{a.seal_budget_min:g}min", a.seal_budget_min * 60, a.seal_background)
             d["p_animal"] = p_animal(Path(d["folder"]), a.seals, a.seal_background)
             res["seals"][n] = d
-    a.out.mkdir(parents=True, exist_ok=True)
-    write_json(a.out / "results.json", res)
+            write_json(a.out / "results.json", res)
     with atomic_write(a.out / "results.md", "w", encoding="utf-8") as f:
         f.write(markdown(res))
     print(markdown(res))

@@ -496,7 +496,9 @@ def evaluate_samples_cmd(
 @app.command("augment-dataset")
 def augment_dataset_cmd(
     dataset: Path = typer.Argument(..., help="real dataset (data.yaml/COCO/...) or a folder/file of tiles/GeoTIFFs"),
-    pool: list[Path] = typer.Option(..., "--pool", help="instance pool folder(s) with manifest.jsonl (repeatable)"),
+    pool: list[Path] = typer.Option([], "--pool", help="instance pool folder(s) with manifest.jsonl (repeatable)"),
+    generator: Path | None = typer.Option(None, help="or an in-context model folder (models/, `synthgen train` with "
+                                          "backend: incontext): animals painted into the tiles instead of pasted"),
     out: Path = typer.Option(..., help="new output dataset folder (the input is never modified)"),
     config: Path | None = typer.Option(None, help="compose YAML, e.g. configs/compose/glacierbay-seals.yaml"),
     n_images: int | None = typer.Option(None, help="synthetic images to make (seeded tile sample; extra copies if needed)"),
@@ -513,11 +515,14 @@ def augment_dataset_cmd(
 
     try:
         r = augment_dataset(dataset, pool, out, config, image_list=image_list, n_images=n_images, seed=seed,
-                            workers=workers, preview=preview, on_error=on_error)
+                            workers=workers, preview=preview, on_error=on_error, generator=generator)
     except SynthgenError as e:
         _fail(e)
     _print_read_notes([], r.problems)
     for name, p in r.pools.items():
+        if "painted" in p:
+            console.print(f"generator {name}: {p['painted']} animals painted", soft_wrap=True, highlight=False)
+            continue
         why = ", ".join(f"{k} {n}" for k, n in p["masks_rejected"].items())
         console.print(f"pool {name}: {p['pasted']} pasted of {p['instances']} instances; "
                       f"{sum(p['masks_rejected'].values())} masks rejected" + (f" ({why})" if why else "")

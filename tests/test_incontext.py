@@ -170,3 +170,32 @@ def test_cli_generate_paints_a_resumable_pool(tiny_model, tmp_path):
     assert r.exit_code == 1 and "Megaptera" in r.output and len(r.output.strip().splitlines()) == 1
     r = CliRunner().invoke(app, [*args, "--n", "1", "--even"])
     assert r.exit_code == 1 and "even" in r.output
+
+
+@pytest.mark.slow
+def test_augment_dataset_paints_into_tiles(tiny_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from synthgen.io_utils import read_jsonl
+
+    out = tmp_path / "aug"
+    cfg = Path(__file__).resolve().parents[1] / "configs" / "compose" / "glacierbay-seals.yaml"
+    args = ["augment-dataset", str(SEALS / "data.yaml"), "--generator", str(tiny_model), "--out", str(out),
+            "--config", str(cfg), "--n-images", "3", "--preview", "1"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 0, r.output
+    assert "animals painted" in r.output
+    rows = [row for row in read_jsonl(out / "manifest.jsonl") if not row.get("empty")]
+    prov = read_jsonl(out / "provenance.jsonl")
+    assert rows and len(prov) == sum(row["n_pasted"] for row in rows) > 0
+    assert all(p["blend"] == "paint" and len(p["obb"]) == 4 for p in prov)
+    for row in rows:  # labels: the real seals' and the painted seals' oriented boxes, as polygons
+        lines = (out / "labels" / "train" / (Path(row["output"]).stem + ".txt")).read_text().splitlines()
+        assert len(lines) == len(row["real"]) + row["n_pasted"] and all(len(x.split()) == 9 for x in lines)
+    assert not (out / "labels-seg").exists()  # a hole is not an instance mask
+    assert list((out / "previews").glob("*.png"))
+    again = CliRunner().invoke(app, args)  # resumed: nothing painted twice
+    assert again.exit_code == 0 and len(read_jsonl(out / "provenance.jsonl")) == len(prov)
+    both = CliRunner().invoke(app, [*args, "--pool", str(tmp_path)])
+    assert both.exit_code == 1 and "not both" in both.output

@@ -239,44 +239,13 @@ def _alpha_polygon(a: np.ndarray, x: int, y: int) -> list[float]:
     return (c + [x, y]).ravel().round(2).tolist()
 
 
-def compose_tile(job: dict) -> dict:
-    """Make one synthetic tile (job: background image, copy index, output stem, existing boxes);
-    writes image + labels atomically and returns the manifest row and provenance rows."""
+def _paste_instances(tile: np.ndarray, job: dict, rng: np.random.Generator, habitat, region, existing: list,
+                     occupied: list, gsd: float | None) -> tuple[list, list, int]:
+    """Paste pool instances (chip + mask) into `tile` in place: (pasted, provenance, skipped)."""
     st = _STATE
     cfg: ComposeConfig = st["cfg"]
-    rng = np.random.default_rng(_tile_seed(cfg.seed, job["image_path"], job["copy"]))
-    try:
-        tile, profile, quality = _read_tile(job["image_path"])
-    except SynthgenError as e:
-        if st.get("on_error", "raise") == "raise":
-            raise
-        return {"row": None, "prov": [], "problem": {"file": job["image_path"], "line": None, "reason": str(e)}}
-    th, tw = tile.shape[:2]
-    region = uniform_edge_region(tile) if cfg.view == "ground" and cfg.exclude_edge_bands else None
-    georef = (profile["transform"], profile["crs"]) if profile else None
-    habitat = None
     hc = cfg.habitat
-    if hc.kind == "color":
-        habitat = color_habitat(tile, hc)
-    elif hc.kind == "raster":
-        habitat = raster_habitat(hc, job["image_path"], (th, tw), georef)
-    elif hc.kind == "vector":
-        habitat = vector_habitat(st["habitat_gdf"], job["image_path"], (th, tw), georef)
-    existing = [list(b) for b in job["boxes"]] if cfg.keep_existing_labels else []
-    occupied = [b[:4] for b in job["boxes"]]  # never paste over a real animal, even if its label is dropped
-    if habitat is not None:
-        habitat = habitat.copy()
-        for x0, y0, x1, y1 in occupied:
-            habitat[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = 0
-    gsd = None
-    if cfg.scale.mode == "physical":
-        if profile is None:
-            raise SynthgenError(f"{job['image_path']}: not a GeoTIFF with a CRS, so physical scale (body length / "
-                                "GSD) is impossible; use scale.mode: dataset")
-        if profile["crs"].is_geographic:
-            raise SynthgenError(f"{job['image_path']}: CRS is geographic (degrees); physical scale needs a projected "
-                                "CRS in metres")
-        gsd = gsd_from_transform(profile["transform"], job["image_path"])
+    th, tw = tile.shape[:2]
     items = st["items"]
     pad = int(math.ceil(cfg.blend.feather_px)) + 2
     names = [m for m, w in cfg.blend.mix.items() if w > 0]
@@ -324,6 +293,100 @@ def compose_tile(job: dict) -> dict:
                      "pool_item": it["rel"], "label": it["label"], "taxon": it["taxon"], "x": x, "y": y,
                      "scale": round(scale, 4), "rotation": round(angle, 2), "hflip": hflip, "vflip": vflip,
                      "blend": mode, "mask_method": it["mask_method"], "box": box})
+    return pasted, prov, skipped
+
+
+def _paint_instances(tile: np.ndarray, job: dict, rng: np.random.Generator, habitat, region, existing: list,
+                     occupied: list) -> tuple[np.ndarray, list, list, int]:
+    """Paint animals into holes of `tile` with the in-context generator, placed by the same rules as
+    pastes (habitat, no overlap, edge bands): (painted tile, pasted, provenance, skipped). The label is
+    the animal's oriented box, drawn from the training labels' sizes, at any angle on nadir views."""
+    import cv2
+
+    from synthgen.incontext.generator import InContextGenerator, Placement, oriented_box
+    from synthgen.incontext.windows import grow
+
+    st = _STATE
+    cfg: ComposeConfig = st["cfg"]
+    if not isinstance(st["generator"], InContextGenerator):  # a path until this process first paints
+        st["generator"] = InContextGenerator.from_pretrained(st["generator"], device=st["paint"].device)
+    gen: InContextGenerator = st["generator"]
+    th, tw = tile.shape[:2]
+    placements, pasted, prov, skipped = [], [], [], 0
+    for _ in range(sample_count(cfg.count, rng)):
+        label, cls, taxon, lineage = st["paint_targets"][int(rng.integers(len(st["paint_targets"])))]
+        shapes = gen.shapes[label]
+        long, short = shapes[int(rng.integers(len(shapes)))]
+        angle = float(rng.uniform(0, np.pi)) if cfg.view == "nadir" else 0.0
+        corners = oriented_box((0.0, 0.0), long, short, angle)
+        hole = grow(corners, gen.window.margin)
+        lo = np.floor(hole.min(0)).astype(int)
+        size = np.ceil(hole.max(0)).astype(int) - lo + 1
+        a = np.zeros((size[1], size[0]), np.float32)  # the patch spans the hole; habitat is judged on the animal
+        cv2.fillPoly(a, [np.round(corners - lo).astype(np.int32)], 1.0)
+        occ = np.array([b[:4] for b in existing] + [p["box"] for p in pasted] + occupied, float).reshape(-1, 4)
+        pos = find_position(a, (0, 0, size[0], size[1]), (th, tw), occ, habitat, cfg.max_overlap,
+                            cfg.habitat.min_fraction, cfg.placement_tries, rng, region)
+        if pos is None:
+            skipped += 1
+            continue
+        c = corners - lo + np.asarray(pos)
+        box = [float(max(c[:, 0].min(), 0)), float(max(c[:, 1].min(), 0)), float(min(c[:, 0].max(), tw)),
+               float(min(c[:, 1].max(), th))]
+        seed = int(rng.integers(2**63 - 1))
+        placements.append(Placement(c, taxon, label, lineage, seed))
+        pasted.append({"box": box, "cls": cls, "obb": np.round(c, 2).flatten().tolist()})
+        prov.append({"tile": job["out_rel"], "background": job["image_path"], "pool": st["generator_path"],
+                     "pool_item": None, "label": label, "taxon": taxon, "x": int(pos[0]), "y": int(pos[1]),
+                     "rotation": round(float(np.degrees(angle)), 2), "seed": seed, "blend": "paint",
+                     "mask_method": None, "box": box, "obb": np.round(c, 2).tolist()})
+    if placements:
+        tile, _ = gen.paint_tile(tile, placements, st["paint"])
+    return tile, pasted, prov, skipped
+
+
+def compose_tile(job: dict) -> dict:
+    """Make one synthetic tile (job: background image, copy index, output stem, existing boxes);
+    writes image + labels atomically and returns the manifest row and provenance rows."""
+    st = _STATE
+    cfg: ComposeConfig = st["cfg"]
+    rng = np.random.default_rng(_tile_seed(cfg.seed, job["image_path"], job["copy"]))
+    try:
+        tile, profile, quality = _read_tile(job["image_path"])
+    except SynthgenError as e:
+        if st.get("on_error", "raise") == "raise":
+            raise
+        return {"row": None, "prov": [], "problem": {"file": job["image_path"], "line": None, "reason": str(e)}}
+    th, tw = tile.shape[:2]
+    region = uniform_edge_region(tile) if cfg.view == "ground" and cfg.exclude_edge_bands else None
+    georef = (profile["transform"], profile["crs"]) if profile else None
+    habitat = None
+    hc = cfg.habitat
+    if hc.kind == "color":
+        habitat = color_habitat(tile, hc)
+    elif hc.kind == "raster":
+        habitat = raster_habitat(hc, job["image_path"], (th, tw), georef)
+    elif hc.kind == "vector":
+        habitat = vector_habitat(st["habitat_gdf"], job["image_path"], (th, tw), georef)
+    existing = [list(b) for b in job["boxes"]] if cfg.keep_existing_labels else []
+    occupied = [b[:4] for b in job["boxes"]]  # never paste over a real animal, even if its label is dropped
+    if habitat is not None:
+        habitat = habitat.copy()
+        for x0, y0, x1, y1 in occupied:
+            habitat[int(y0):int(math.ceil(y1)), int(x0):int(math.ceil(x1))] = 0
+    gsd = None
+    if cfg.scale.mode == "physical":
+        if profile is None:
+            raise SynthgenError(f"{job['image_path']}: not a GeoTIFF with a CRS, so physical scale (body length / "
+                                "GSD) is impossible; use scale.mode: dataset")
+        if profile["crs"].is_geographic:
+            raise SynthgenError(f"{job['image_path']}: CRS is geographic (degrees); physical scale needs a projected "
+                                "CRS in metres")
+        gsd = gsd_from_transform(profile["transform"], job["image_path"])
+    if st.get("generator") is not None:
+        tile, pasted, prov, skipped = _paint_instances(tile, job, rng, habitat, region, existing, occupied)
+    else:
+        pasted, prov, skipped = _paste_instances(tile, job, rng, habitat, region, existing, occupied, gsd)
     row = {"output": job["out_rel"], "background": job["image_path"], "copy": job["copy"], "width": tw,
            "height": th, "geo": profile is not None, "n_pasted": len(pasted), "n_skipped": skipped,
            "real": [[*b[:5], b[5]] for b in existing], "pasted": pasted}
@@ -349,11 +412,14 @@ def compose_tile(job: dict) -> dict:
         seg.append(_seg_line(c, pts, tw, th))
     for p in pasted:
         x0, y0, x1, y1 = p["box"]
-        det.append(_seg_line(p["cls"], [x0, y0, x1, y0, x1, y1, x0, y1], tw, th) if polygons
+        det.append(_seg_line(p["cls"], p.get("obb") or [x0, y0, x1, y0, x1, y1, x0, y1], tw, th) if polygons
                    else _yolo_line(p["cls"], p["box"], tw, th))
-        seg.append(_seg_line(p["cls"], p["poly"], tw, th))
+        if "poly" in p:
+            seg.append(_seg_line(p["cls"], p["poly"], tw, th))
     stem = Path(job["out_rel"]).with_suffix(".txt").name
-    for sub, lines in (("labels", det), ("labels-seg", seg)):
+    # a painted animal's hole is not its mask: no instance-seg labels where painting made the tile
+    outputs = (("labels", det),) if st.get("generator") is not None else (("labels", det), ("labels-seg", seg))
+    for sub, lines in outputs:
         _replace_write(st["out"] / sub / job["split"] / stem, "".join(line + "\n" for line in lines))
     return {"row": row, "prov": prov}
 
@@ -460,22 +526,31 @@ def _mask_job(a: tuple) -> dict:
 def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Path,
                     config: ComposeConfig | str | Path | None = None, image_list: str | Path | None = None,
                     n_images: int | None = None, seed: int | None = None, workers: int = 1,
-                    preview: int = 0, on_error: str = "raise") -> AugmentResult:
-    """Compose synthetic training tiles into `out` (a new folder; no input is written to). With
-    on_error="skip" unreadable backgrounds are left out and listed in the result's `problems`."""
+                    preview: int = 0, on_error: str = "raise", generator: str | Path | None = None,
+                    paint=None) -> AugmentResult:
+    """Compose synthetic training tiles into `out` (a new folder; no input is written to): pool
+    instances pasted, or with `generator` (an in-context model folder) animals painted into holes
+    (`paint`: its PaintConfig). With on_error="skip" unreadable backgrounds are left out and listed
+    in the result's `problems`."""
     if on_error not in ("raise", "skip"):
         raise SynthgenError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
     cfg = config if isinstance(config, ComposeConfig) else (
         ComposeConfig.from_yaml(config) if config else ComposeConfig())
     if seed is not None:
         cfg = cfg.model_copy(update={"seed": seed})
-    pools = [Path(p) for p in (pools if isinstance(pools, list | tuple) else [pools])]
-    inputs = [*pools, image_list, None if isinstance(config, ComposeConfig) else config, cfg.habitat.path]
+    pools = [Path(p) for p in (pools if isinstance(pools, list | tuple) else [pools] if pools else [])]
+    if bool(pools) == (generator is not None):
+        raise SynthgenError("give either pools of instances to paste (--pool) or an in-context model to paint "
+                            "with (--generator), not both or neither")
+    inputs = [*pools, generator, image_list, None if isinstance(config, ComposeConfig) else config, cfg.habitat.path]
     refuse_inside_inputs(out, [*dataset_inputs(dataset), *inputs], "output dataset")  # before reading it
     ds = load_backgrounds(dataset, on_error)
     refuse_inside_inputs(out, [*dataset_inputs(dataset, ds.images.image_path), *inputs], "output dataset")
     out = Path(out).resolve()
     names = list(ds.names)
+    if generator is not None:
+        return _augment_painting(ds, names, Path(generator), paint, out, cfg, image_list, n_images, workers,
+                                 preview, on_error)
     if not names:  # bare background tiles: the pools' labels are the classes
         names = sorted({str(r.get("label")) for p in pools for r in read_jsonl(p / "manifest.jsonl")})
     items = load_pool(pools, names)
@@ -510,6 +585,43 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     if cfg.habitat.kind in ("raster", "vector") and not cfg.habitat.path:
         raise SynthgenError(f"habitat.kind {cfg.habitat.kind} needs habitat.path")
 
+    res = _compose_all(ds, names, state, out, cfg, image_list, n_images, workers, preview)
+    return AugmentResult(out, res["n_tiles"], res["n_pasted"], res["n_skipped"], n_rej, res["data_yaml"],
+                         n_empty=res["n_empty"], pools=_pool_summary(pools, items, recs, read_jsonl(out / "provenance.jsonl")),
+                         problems=[*ds.problems, *res["problems"]])
+
+
+def _augment_painting(ds, names: list[str], generator: Path, paint, out: Path, cfg: ComposeConfig, image_list,
+                      n_images, workers: int, preview: int, on_error: str) -> AugmentResult:
+    """augment-dataset with an in-context model: the animals it knows that the dataset labels."""
+    from synthgen.generator import read_index
+    from synthgen.incontext.generator import PaintConfig
+
+    kind = read_index(generator)["kind"]
+    if kind != "incontext":
+        raise SynthgenError(f"{generator}: a {kind!r} model draws whole chips; paint into tiles needs an "
+                            "'incontext' model (or generate a pool and pass it with --pool)")
+    counts = json.loads((generator / "taxon_counts.json").read_text(encoding="utf-8"))
+    names = names or sorted({c.get("label") or t for t, c in counts.items()})
+    targets = [(c.get("label") or t, names.index(c.get("label") or t), t, c["lineage"])
+               for t, c in sorted(counts.items()) if (c.get("label") or t) in names]
+    if not targets:
+        raise SynthgenError(f"{generator}: paints {', '.join(sorted(counts))}, none of the dataset's classes "
+                            f"({', '.join(names)})")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {"cfg": cfg, "items": [], "out": out, "on_error": on_error, "generator": str(generator),
+             "generator_path": str(generator.resolve()), "paint": paint or PaintConfig(), "paint_targets": targets,
+             "polygon_labels": bool(ds.boxes.obb.notna().any()) if len(ds.boxes) else False}
+    res = _compose_all(ds, names, state, out, cfg, image_list, n_images, workers, preview)
+    painted = sum(1 for _ in read_jsonl(out / "provenance.jsonl"))
+    return AugmentResult(out, res["n_tiles"], res["n_pasted"], res["n_skipped"], 0, res["data_yaml"],
+                         n_empty=res["n_empty"], pools={str(generator): {"painted": painted}},
+                         problems=[*ds.problems, *res["problems"]])
+
+
+def _compose_all(ds, names: list[str], state: dict, out: Path, cfg: ComposeConfig, image_list, n_images,
+                 workers: int, preview: int) -> dict:
+    """Make every tile job not yet done (resumable), then labels, data.yaml and previews."""
     jobs = _jobs(ds, cfg, Path(image_list) if image_list else None, n_images)
     man_path, prov_path = out / "manifest.jsonl", out / "provenance.jsonl"
     done_rows = {r["output"]: r for r in read_jsonl(man_path)}
@@ -518,7 +630,7 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     todo = [j for j in jobs if j["out_rel"] not in done_rows]
     # provenance is appended with a flush only (one write per tile, no fsync): the fsynced manifest row
     # that follows is the truth, and a rerun drops provenance rows of tiles missing from the manifest
-    problems = list(ds.problems)
+    problems = []
     with JsonlAppender(man_path) as man, open(prov_path, "a", encoding="utf-8") as prov:
         for res in _run(compose_tile, todo, workers, state, "compose"):
             if res["row"] is None:  # unreadable background, on_error="skip": listed, retried by a rerun
@@ -533,9 +645,8 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
     data_yaml = _finalize(out, ds, rows, names, cfg, image_list)
     if preview:
         draw_previews(out, rows[:preview], names)
-    return AugmentResult(out, len(rows), sum(r["n_pasted"] for r in rows), sum(r["n_skipped"] for r in done),
-                         n_rej, data_yaml, n_empty=len(done) - len(rows),
-                         pools=_pool_summary(pools, items, recs, read_jsonl(prov_path)), problems=problems)
+    return {"n_tiles": len(rows), "n_pasted": sum(r["n_pasted"] for r in rows), "data_yaml": data_yaml,
+            "n_skipped": sum(r["n_skipped"] for r in done), "n_empty": len(done) - len(rows), "problems": problems}
 
 
 def _reason_kind(reason: str) -> str:
@@ -597,7 +708,7 @@ def _write_coco(path: Path, rows: list[dict], names: list[str]) -> None:
             seg = [b[5]] if b[5] is not None else []
             anns.append(_coco_ann(len(anns) + 1, i, b[:4], int(b[4]), seg, synthetic=False))
         for p in r["pasted"]:
-            anns.append(_coco_ann(len(anns) + 1, i, p["box"], p["cls"], [p["poly"]], synthetic=True))
+            anns.append(_coco_ann(len(anns) + 1, i, p["box"], p["cls"], [p.get("poly") or p["obb"]], synthetic=True))
     write_json(path, {"images": images, "annotations": anns,
                       "categories": [{"id": k, "name": n} for k, n in enumerate(names)]})
 
@@ -651,9 +762,9 @@ def draw_previews(out: Path, rows: list[dict], names: list[str]) -> list[Path]:
             cv2.rectangle(img, (int(b[0]), int(b[1])), (int(math.ceil(b[2])) - 1, int(math.ceil(b[3])) - 1),
                           (60, 120, 255), 1)
         for p in r["pasted"]:
-            pts = np.asarray(p["poly"], float).reshape(-1, 1, 2).round().astype(np.int32)
+            pts = np.asarray(p.get("poly") or p["obb"], float).reshape(-1, 1, 2).round().astype(np.int32)
             cv2.polylines(img, [pts], True, (255, 230, 0), 1)
-            x0, y0, x1, y1 = p["box"]
+            x0, y0, x1, y1 = (round(v) for v in p["box"])  # painted boxes are the oriented box's float extent
             cv2.rectangle(img, (x0, y0), (x1 - 1, y1 - 1), (0, 255, 0), 1)
             cv2.putText(img, names[p["cls"]], (x0, max(y0 - 3, 8)), cv2.FONT_HERSHEY_SIMPLEX, 0.35, (0, 255, 0), 1)
         path = out / "previews" / (Path(r["output"]).stem + ".png")

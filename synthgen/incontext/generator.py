@@ -103,11 +103,11 @@ class InContextGenerator:
     config_class = InContextGenerateConfig
 
     def __init__(self, model, sched_config: dict, window: WindowConfig, shapes: dict[str, list[list[float]]],
-                 taxonomy: dict | None = None, meta: dict | None = None):
+                 taxonomy: dict | None = None, meta: dict | None = None, counts: dict | None = None):
         if model.context_channels != 4:
             raise SynthgenError(f"an in-context model takes 4 context channels; this UNet takes {model.context_channels}")
         self.model, self.sched_config, self.window, self.shapes = model, sched_config, window, shapes
-        self.taxonomy, self.meta = taxonomy, meta or {}
+        self.taxonomy, self.meta, self.counts = taxonomy, meta or {}, counts or {}
 
     @property
     def device(self) -> torch.device:
@@ -129,7 +129,8 @@ class InContextGenerator:
         gen = cls(model, sched, WindowConfig.model_validate(train_cfg["window"]),
                   json.loads(shapes_file.read_text(encoding="utf-8")),
                   json.loads(tax.read_text(encoding="utf-8")) if tax.exists() else None,
-                  json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None)
+                  json.loads(meta_file.read_text(encoding="utf-8")) if meta_file.exists() else None,
+                  json.loads((folder / "taxon_counts.json").read_text(encoding="utf-8")))
         gen.folder = folder
         return gen
 
@@ -157,8 +158,16 @@ class InContextGenerator:
                                        context_channels=data.context_channels)
         model.load_state_dict({k: v.to(torch.float32) for k, v in load_file(str(weights)).items()})
         model.eval().to(resolve_device(device))
-        return cls(model, dict(noise_scheduler(cfg).config), cfg.window, data.shapes,
-                   meta={"checkpoint": str(checkpoint), "ema": ema})
+        counts: dict[str, dict] = {}
+        for taxon, lin, label in zip(data.taxa, data.lineages, data.labels, strict=True):
+            counts.setdefault(taxon, {"count": 0, "lineage": lin, "label": label})["count"] += 1
+        tax = None
+        if cfg.taxonomy is not None:
+            from taxonomy import Taxonomy
+
+            tax = json.loads(Taxonomy.load(cfg.taxonomy).to_json())
+        return cls(model, dict(noise_scheduler(cfg).config), cfg.window, data.shapes, tax,
+                   meta={"checkpoint": str(checkpoint), "ema": ema}, counts=counts)
 
     def save_pretrained(self, folder: str | Path) -> None:
         """The model folder: UNet + taxonomy encoder + scheduler + window + shapes, index last."""
@@ -171,9 +180,14 @@ class InContextGenerator:
         with open(folder / "train_config.yaml", "w", encoding="utf-8") as f:
             yaml.safe_dump({"window": self.window.model_dump()}, f)
         write_json(folder / SHAPES_FILE, self.shapes)
+        write_json(folder / "taxon_counts.json", self.counts)
         if self.taxonomy is not None:
             write_json(folder / "taxonomy.json", self.taxonomy)
-        write_json(folder / "synthgen_model.json", {**self.meta, "backend": "incontext"})
+        import hashlib
+
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        self.meta = {**self.meta, "backend": "incontext", "id": hashlib.sha256(weights.read_bytes()).hexdigest()[:16]}
+        write_json(folder / "synthgen_model.json", self.meta)
         write_index(folder, "incontext", type(self))
 
     # --- painting -------------------------------------------------------------------------------

@@ -201,12 +201,16 @@ def _cfg_dict() -> dict:
 
 
 def test_incontext_arm_calls_augment_dataset_with_the_generator(tmp_path, monkeypatch):
-    """The in-context arm is the same augment-dataset call given `generator=MODEL`; until that entry point
-    takes one, the arm is reported as not run with the config key named."""
+    """The in-context arm is the same augment-dataset call given `generator=MODEL` and no pool; an entry
+    point that takes no generator reports the arm as not run, naming the config key."""
+    import inspect
+
     from synthgen.benchmark import synthetic
 
+    assert "generator" in inspect.signature(synthetic.augment_dataset).parameters  # the library's entry point
     lst = tmp_path / "train.txt"
     lst.write_text("a.jpg\n")
+    monkeypatch.setattr(synthetic, "augment_dataset", lambda dataset, pools, out, **kw: None)
     with pytest.raises(synthetic.StageUnavailable, match="arms.incontext.model = /models/seal"):
         synthetic.paint("/data", "/models/seal", lst, tmp_path / "o", n_images=3, seed=0)
     calls = []

@@ -63,7 +63,7 @@ def verdict(results: dict, runs: pd.DataFrame, intervals: pd.DataFrame) -> list[
     base = runs[(runs.arm == "real") & (runs.fraction == f)].map50.mean()
     if base < BASELINE_FLOOR:
         lines.append(f"**Not answerable at this scale:** the real-only detector reaches mAP50 {base:.3f} at "
-                     f"{f:.0%} of the real data (scale '{results['scale']}'). A detector that has not learned "
+                     f"{f * 100:g}% of the real data (scale '{results['scale']}'). A detector that has not learned "
                      "the task cannot show whether more data helps, so the differences below are noise, not "
                      "evidence either way.")
     cp = iv.loc["copy_paste"] if "copy_paste" in iv.index else None
@@ -73,7 +73,7 @@ def verdict(results: dict, runs: pd.DataFrame, intervals: pd.DataFrame) -> list[
         helps = r.lo > 0
         met = helps and r["mean"] >= gain and cp is not None and r["mean"] > cp["mean"] and base >= BASELINE_FLOOR
         met_any |= met
-        lines.append(f"At {f:.0%} real, {ARMS[a]} vs real-only: {_iv(r)} over {int(r.n_seeds)} paired seeds; "
+        lines.append(f"At {f * 100:g}% real, {ARMS[a]} vs real-only: {_iv(r)} over {int(r.n_seeds)} paired seeds; "
                      f"{'helps (interval excludes zero)' if helps else 'not shown to help (interval includes zero)' if r.lo <= 0 <= r.hi else 'hurts (interval below zero)'}. "
                      f"Goal: **{'met' if met else 'not met'}**.")
     if cp is None:
@@ -298,9 +298,9 @@ def _protocol(results: dict) -> list[str]:
 
 
 def _interval_table(iv: pd.DataFrame) -> str:
-    t = iv.assign(**{c: iv[c] * 100 for c in ("mean", "lo", "hi", "half_width")})
+    t = iv.assign(**{c: (iv[c] * 100).round(2) for c in ("mean", "lo", "hi", "half_width")})
     t = t.assign(helps=np.where(t.lo > 0, "yes", np.where(t.hi < 0, "hurts", "not shown")))
-    return _md_table(t[["arm", "fraction", "mean", "lo", "hi", "half_width", "n_seeds", "helps"]].round(2))
+    return _md_table(t[["arm", "fraction", "mean", "lo", "hi", "half_width", "n_seeds", "helps"]])
 
 
 def write_report(results: dict, out: str | Path) -> Path:

@@ -41,6 +41,7 @@ def test_seal_groups_follow_the_rf_prefix_in_any_case(seal_train):
     assert g == ["abc_def", "abc_def"]
 
 
+@pytest.mark.slow
 def test_seal_frames_and_test_overlap_pinned(seals, configs, tmp_path):
     """Tiles are cut from drone frames (`<frame>_<x>_<y>`): 322 frames behind train, 118 behind valid,
     65 of those give both; their 555 train images (185 source tiles) are left out of training."""

@@ -6,6 +6,7 @@ Each section below belongs to one stage of the pipeline
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import typer
@@ -15,23 +16,32 @@ app = typer.Typer(no_args_is_help=True, add_completion=False, help=__doc__.split
 console = Console(soft_wrap=True)  # never hard-wrap: paths and messages stay copyable in logs and pipes
 
 
-def _fail(err: Exception) -> None:
-    """Print a library error as one red line and exit 1 (no traceback for user mistakes)."""
-    console.print(f"[bold red]error:[/] {err}")
-    raise typer.Exit(1)
+def cli_errors(*also: type[Exception]):
+    """Decorate a command so that a user's mistake (a SynthgenError, ConfigError included, or one of
+    `also`, e.g. ValueError from a config model) ends it with one red line and exit 1, no traceback."""
+
+    def wrap(command):
+        @functools.wraps(command)  # typer reads the options from the wrapped signature
+        def run(*args, **kwargs):
+            from synthgen.errors import SynthgenError
+
+            try:
+                return command(*args, **kwargs)
+            except (SynthgenError, *also) as e:
+                console.print(f"[bold red]error:[/] {e}")
+                raise typer.Exit(1) from None
+
+        return run
+
+    return wrap
 
 
 def _refuse(out: Path | None, *inputs, what: str = "output", dataset: Path | None = None) -> None:
-    """Exit with one line when `out` lies inside an input or dataset: the check every writing command shares."""
-    from synthgen.errors import SynthgenError
+    """Refuse (SynthgenError) when `out` lies inside an input or dataset: the check every writing command shares."""
     from synthgen.io_utils import dataset_inputs, refuse_inside_inputs
 
-    if out is None:
-        return
-    try:
+    if out is not None:
         refuse_inside_inputs(out, [*inputs, *(dataset_inputs(dataset) if dataset is not None else [])], what)
-    except SynthgenError as e:
-        _fail(e)
 
 
 # --- taxonomy -------------------------------------------------------------------------------
@@ -55,17 +65,14 @@ def _taxon_label(t) -> str:
 
 
 @taxonomy_app.command("show")
+@cli_errors()
 def taxonomy_show_cmd(file: Path = typer.Argument(..., help="taxonomy .csv, .yaml or .json")) -> None:
     """Print the taxonomy as a tree: ranks, common names, dataset labels and body lengths."""
     from rich.tree import Tree
 
-    from synthgen.errors import SynthgenError
     from taxonomy import Taxonomy
 
-    try:
-        tax = Taxonomy.load(file)
-    except SynthgenError as e:
-        _fail(e)
+    tax = Taxonomy.load(file)
     root = Tree(f"[bold]{file}[/]  levels: {' > '.join(tax.levels)}")
     branches = {}
     for t in tax:  # pre-order: a parent is always drawn before its children
@@ -76,21 +83,18 @@ def taxonomy_show_cmd(file: Path = typer.Argument(..., help="taxonomy .csv, .yam
 
 
 @taxonomy_app.command("resolve")
+@cli_errors()
 def taxonomy_resolve_cmd(
     file: Path = typer.Argument(..., help="taxonomy .csv, .yaml or .json"),
     name: str = typer.Argument(..., help="scientific name, common name or dataset label; rank:name to pick a rank"),
 ) -> None:
     """Look a name up: rank, lineage, per-level encoding and the BioCLIP text."""
-    from synthgen.errors import SynthgenError
     from taxonomy import Taxonomy
 
-    try:
-        tax = Taxonomy.load(file)
-        t = tax.resolve(name)
-        codes = tax.encode(t)
-        texts = [tax.bioclip_text(t), tax.bioclip_text(t, common=True)]
-    except SynthgenError as e:
-        _fail(e)
+    tax = Taxonomy.load(file)
+    t = tax.resolve(name)
+    codes = tax.encode(t)
+    texts = [tax.bioclip_text(t), tax.bioclip_text(t, common=True)]
     console.print(_taxon_label(t), highlight=False)
     console.print(f"rank:     {t.rank} (level {t.level})", highlight=False)
     console.print("lineage:  " + " > ".join(f"{x.name} ({x.rank})" for x in tax.lineage(t)), highlight=False)
@@ -120,6 +124,7 @@ def _print_read_notes(notes: list[str], problems: list[dict]) -> None:
 
 
 @data_app.command("inspect")
+@cli_errors(ValueError)
 def data_inspect_cmd(
     path: Path = typer.Argument(..., help="dataset folder (data.yaml) or annotation file/folder"),
     fmt: str | None = typer.Option(None, "--format", help=_FMT_HELP),
@@ -132,15 +137,11 @@ def data_inspect_cmd(
     """Images and boxes per split and class, box sizes in pixels, empty images, problems (exit 1 if any)."""
     from detection import read_dataset
     from detection.inspect import inspect_dataset, report_tables
-    from synthgen.errors import SynthgenError
     from synthgen.io_utils import write_json
 
     _refuse(json_out, raster, what="--json file", dataset=path)
-    try:
-        stats = inspect_dataset(read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, verify=verify,
-                                             pixel_y=pixel_y))
-    except (SynthgenError, ValueError) as e:
-        _fail(e)
+    stats = inspect_dataset(read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, verify=verify,
+                                         pixel_y=pixel_y))
     for t in report_tables(stats):
         console.print(t)
     if json_out:
@@ -153,6 +154,7 @@ def data_inspect_cmd(
 
 
 @data_app.command("chips")
+@cli_errors(ValueError)
 def data_chips_cmd(
     path: Path = typer.Argument(..., help="dataset folder (data.yaml) or annotation file/folder"),
     out: Path = typer.Option(..., help="chips folder: <split>/<label>/*.png + manifest.jsonl"),
@@ -172,23 +174,17 @@ def data_chips_cmd(
     pixel_y: str = typer.Option("auto", help=_PIXEL_Y_HELP),
 ) -> None:
     """Cut every real instance into a square context chip (what the generator trains on); resumable."""
-    from pydantic import ValidationError
-
     from detection import read_dataset
     from detection.chips import ChipConfig, make_background_chips, make_chips
-    from synthgen.errors import SynthgenError
 
     _refuse(out, taxonomy, what="chips folder", dataset=path)
-    try:
-        cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class, seed=seed)
-        ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split], pixel_y=pixel_y)
-        sp = None if split == "all" else split
-        if background is not None:
-            s = make_background_chips(ds, out, background or None, cfg, split=sp, on_error=on_error)
-        else:
-            s = make_chips(ds, out, cfg, taxonomy=taxonomy, split=sp, on_error=on_error)
-    except (SynthgenError, ValidationError, ValueError) as e:
-        _fail(e)
+    cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class, seed=seed)
+    ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split], pixel_y=pixel_y)
+    sp = None if split == "all" else split
+    if background is not None:
+        s = make_background_chips(ds, out, background or None, cfg, split=sp, on_error=on_error)
+    else:
+        s = make_chips(ds, out, cfg, taxonomy=taxonomy, split=sp, on_error=on_error)
     _print_read_notes(ds.notes, s["problems"])
     if background is not None:
         console.print(f"{s['written']} background chips written, {s['already_done']} already done, {s['unplaced']} "
@@ -199,6 +195,7 @@ def data_chips_cmd(
 
 
 @data_app.command("convert")
+@cli_errors(ValueError)
 def data_convert_cmd(
     path: Path = typer.Argument(..., help="dataset folder (data.yaml) or annotation file/folder"),
     out: Path = typer.Option(..., help="output folder (never inside the input)"),
@@ -211,37 +208,31 @@ def data_convert_cmd(
 ) -> None:
     """Convert annotations between formats (boxes kept in pixels; vector output in the raster's CRS)."""
     from detection import read_dataset, write_dataset
-    from synthgen.errors import SynthgenError
 
     _refuse(out, raster, what="output folder", dataset=path)
-    try:
-        ds = read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, pixel_y=pixel_y)
-        dest = write_dataset(ds, out, to, images="copy" if copy_images else "link")
-    except (SynthgenError, ValueError) as e:
-        _fail(e)
+    ds = read_dataset(path, fmt=fmt, raster=raster, on_error=on_error, pixel_y=pixel_y)
+    dest = write_dataset(ds, out, to, images="copy" if copy_images else "link")
     _print_read_notes(ds.notes, ds.problems)
     console.print(f"{len(ds.images)} images, {len(ds.boxes)} boxes, {len(ds.problems)} skipped -> {dest}", soft_wrap=True)
 
 
 @app.command("demo")
+@cli_errors()
 def demo_cmd(
     data: Path = typer.Option(Path("../shared/data"), help="folder holding aquarium/ and glacierbay-seals/"),
     out: Path = typer.Option(Path("runs/demo"), help="output folder"),
 ) -> None:
     """A tour of the data steps on the shared data: inspect, resolve labels, cut chips; resumable."""
     from synthgen.demo import run_demo
-    from synthgen.errors import SynthgenError
 
     _refuse(out, data, what="demo folder")
-    try:
-        s = run_demo(data, out)
-    except SynthgenError as e:
-        _fail(e)
+    s = run_demo(data, out)
     console.print(f"demo: {s['datasets']} datasets, {s['chips']} chips -> {s['summary']}", soft_wrap=True)
 
 
 # --- train / generate (diffusion) ------------------------------------------------------------
 @app.command("train")
+@cli_errors()
 def train_cmd(
     config: Path | None = typer.Option(None, help="train config YAML (configs/train/; its `backend` picks pixel, "
                                        "incontext or latent); with --add-taxa a configs/continual/*.yaml"),
@@ -257,7 +248,6 @@ def train_cmd(
     threads: int | None = typer.Option(None, help="CPU threads"),
 ) -> None:
     """Train a generator (every progressive stage in one command), or with --add-taxa extend one."""
-    from synthgen.errors import SynthgenError
     from synthgen.generator import load_train_config, train_generator
 
     _refuse(out, chips, config, from_model, add_taxa, what="model folder")
@@ -265,31 +255,26 @@ def train_cmd(
         _add_taxa(from_model, add_taxa, chips, out, config, device, threads, preset=preset, mode=mode,
                   steps_per_stage=steps_per_stage)
         return
-    try:
-        cfg = load_train_config(config, data=chips, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
-                                device=device, threads=threads)
-        _refuse(out, getattr(cfg, "chips", None), getattr(cfg, "data", None), what="model folder")
-        res = train_generator(cfg, out)
-    except SynthgenError as e:
-        _fail(e)
+    cfg = load_train_config(config, data=chips, preset=preset, mode=mode, steps_per_stage=steps_per_stage,
+                            device=device, threads=threads)
+    _refuse(out, getattr(cfg, "chips", None), getattr(cfg, "data", None), what="model folder")
+    res = train_generator(cfg, out)
     console.print(f"trained {res.steps} steps in {res.seconds / 60:.1f} min, final loss {res.final_loss:.4f} -> {out}"
                   + (f" (loss plot {out / 'loss.png'})" if (out / "loss.png").exists() else ""))
 
 
 @app.command("upgrade-model")
+@cli_errors()
 def upgrade_model_cmd(folder: Path = typer.Argument(..., help="model folder written before model_index.json")) -> None:
     """Give a model folder from an older synthgen its index (model_index.json); weights are untouched."""
-    from synthgen.errors import SynthgenError
     from synthgen.generator import upgrade_model
 
-    try:
-        kind = upgrade_model(folder)
-    except SynthgenError as e:
-        _fail(e)
+    kind = upgrade_model(folder)
     console.print(f"{folder}: a {kind!r} model folder -> {folder / 'model_index.json'}")
 
 
 @app.command("generate")
+@cli_errors()
 def generate_cmd(
     model: Path | None = typer.Option(None, help="model folder from `synthgen train` (any kind: its model_index.json "
                                       "says); default: the shipped model (models/) that knows --taxon"),
@@ -324,30 +309,25 @@ def generate_cmd(
     if model is None:
         from synthgen.shipped import model_for
 
-        try:
-            model = model_for(taxon)
-        except SynthgenError as e:
-            _fail(e)
+        model = model_for(taxon)
     _refuse(out, model, config, what="pool folder", dataset=backgrounds)
     try:
         w = tuple(float(v) for v in window.split(",")) if window is not None else None
     except ValueError:
-        _fail(SynthgenError(f"--window {window}: expected two fractions such as 0.0,0.6"))
-    try:
-        gen = load_generator(model, device=device or "auto")  # reads the index; weights load when needed
-        guide = {k: v for k, v in dict(mode=guidance, scale=scale, reference=reference, window=w).items() if v is not None}
-        cfg = gen.config_class.from_yaml(config, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
-                                         seed=seed, even=even, grid=grid, cache_interval=cache_interval,
-                                         window_from_branch_points=window_from_branch_points, guidance=guide or None,
-                                         backgrounds=backgrounds, split=split)
-        res = gen.generate(taxon, n, out, cfg)
-    except SynthgenError as e:
-        _fail(e)
+        raise SynthgenError(f"--window {window}: expected two fractions such as 0.0,0.6") from None
+    gen = load_generator(model, device=device or "auto")  # reads the index; weights load when needed
+    guide = {k: v for k, v in dict(mode=guidance, scale=scale, reference=reference, window=w).items() if v is not None}
+    cfg = gen.config_class.from_yaml(config, sampler=sampler, steps=steps, batch_size=batch_size, device=device,
+                                     seed=seed, even=even, grid=grid, cache_interval=cache_interval,
+                                     window_from_branch_points=window_from_branch_points, guidance=guide or None,
+                                     backgrounds=backgrounds, split=split)
+    res = gen.generate(taxon, n, out, cfg)
     console.print(res.summary(), soft_wrap=True)
 
 
 # --- filter / evaluate-samples / train-judge -------------------------------------------------
 @app.command("train-judge")
+@cli_errors(ValueError)
 def train_judge_cmd(
     chips: Path = typer.Option(..., help="chips folder (manifest.jsonl with train and val/valid splits; without a "
                                "val split, a share of source images is held out)"),
@@ -364,20 +344,17 @@ def train_judge_cmd(
                                            "adds an animal-vs-background head, scored as p_animal"),
 ) -> None:
     """Train the judge: a small taxonomic classifier (one head per rank) on the real chips."""
-    from synthgen.errors import SynthgenError
+    from detection.dataset import canonical_split
     from synthgen.scoring import JudgeConfig, train_judge
 
     _refuse(out, chips, config, pretrained if pretrained not in (None, "imagenet", "none") else None, background,
             what="judge folder")
-    try:
-        base = JudgeConfig.from_yaml(config) if config else JudgeConfig()
-        flags = dict(epochs=epochs, arch=arch, width=width, img_size=img_size, device=device, pretrained=pretrained)
-        cfg = JudgeConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
-                             | ({"pretrained": None} if pretrained == "none" else {})))
-        m = train_judge(chips, out, cfg, background=background)
-    except (SynthgenError, ValueError) as e:
-        _fail(e)
-    if m["val_split"] not in ("val", "valid", "validation"):
+    base = JudgeConfig.from_yaml(config) if config else JudgeConfig()
+    flags = dict(epochs=epochs, arch=arch, width=width, img_size=img_size, device=device, pretrained=pretrained)
+    cfg = JudgeConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
+                         | ({"pretrained": None} if pretrained == "none" else {})))
+    m = train_judge(chips, out, cfg, background=background)
+    if canonical_split(m["val_split"]) != "val":
         console.print(f"[yellow]note:[/] validation chips {m['val_split']}")
     if m["val"]:
         levels = ", ".join(f"{lv} {d['accuracy']:.3f}" for lv, d in m["val"]["per_level"].items()
@@ -403,6 +380,7 @@ def _scorer(spec: str, rows_from: list[Path], device: str, batch: int):
 
 
 @app.command("filter")
+@cli_errors(ValueError)
 def filter_cmd(
     pool: Path = typer.Option(..., help="generated pool folder (manifest.jsonl)"),
     scorer: str = typer.Option(..., help="judge:DIR (offline default: `train-judge` fine-tunes ImageNet weights) | "
@@ -423,18 +401,14 @@ def filter_cmd(
     """Keep generated chips that look like their intended taxon; link or move the rest to rejected/."""
     from rich.table import Table
 
-    from synthgen.errors import SynthgenError
     from synthgen.filter import FilterConfig, filter_pool
 
     _refuse(out, pool, reference, config, what="filtered pool")
-    try:
-        base = FilterConfig.from_yaml(config) if config else FilterConfig()
-        flags = dict(score=score, mode=mode, threshold=threshold, percentile=percentile, top_k=top_k, batch_size=batch)
-        cfg = FilterConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}))
-        sc = _scorer(scorer, [pool, reference], device, cfg.batch_size)
-        s = filter_pool(pool, sc, out, cfg, reference=reference, in_place=in_place)
-    except (SynthgenError, ValueError) as e:
-        _fail(e)
+    base = FilterConfig.from_yaml(config) if config else FilterConfig()
+    flags = dict(score=score, mode=mode, threshold=threshold, percentile=percentile, top_k=top_k, batch_size=batch)
+    cfg = FilterConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}))
+    sc = _scorer(scorer, [pool, reference], device, cfg.batch_size)
+    s = filter_pool(pool, sc, out, cfg, reference=reference, in_place=in_place)
     table = Table(title=f"pass rates ({s['score']}, {cfg.mode})")
     for col in ("taxon", "label", "n", "kept", "pass rate", "threshold", "low score", "near copy", "duplicate",
                 "not top-k"):
@@ -448,6 +422,7 @@ def filter_cmd(
 
 
 @app.command("evaluate-samples")
+@cli_errors(ValueError)
 def evaluate_samples_cmd(
     generated: Path = typer.Option(..., help="generated pool folder (manifest.jsonl)"),
     real: Path = typer.Option(..., help="real chips folder; its val/valid split is the held-out reference"),
@@ -465,20 +440,16 @@ def evaluate_samples_cmd(
     device: str = typer.Option("auto"),
 ) -> None:
     """FD, KID, precision/recall, diversity, per-rank accuracy and memorisation vs a real floor."""
-    from synthgen.errors import SynthgenError
     from synthgen.metrics import evaluate_samples
 
     _refuse(out, generated, real, train, lpips, judge, what="report folder")
-    try:
-        from synthgen.features import load_features
-        from synthgen.scoring import JudgeScorer
+    from synthgen.features import load_features
+    from synthgen.scoring import JudgeScorer
 
-        fx = (_scorer(features, [generated, real], device, batch) if features.partition(":")[0] != "imagenet"
-              else load_features(features, device=device, batch_size=batch))
-        jd = JudgeScorer(judge, device=device, batch_size=batch) if judge else None
-        res = evaluate_samples(generated, real, fx, out, train=train, k=k, lpips=lpips, device=device, judge=jd)
-    except (SynthgenError, ValueError) as e:
-        _fail(e)
+    fx = (_scorer(features, [generated, real], device, batch) if features.partition(":")[0] != "imagenet"
+          else load_features(features, device=device, batch_size=batch))
+    jd = JudgeScorer(judge, device=device, batch_size=batch) if judge else None
+    res = evaluate_samples(generated, real, fx, out, train=train, k=k, lpips=lpips, device=device, judge=jd)
     o = res["overall"]
     if res["held_out"]:
         console.print(f"[yellow]note:[/] {res['held_out']}")
@@ -494,6 +465,7 @@ def evaluate_samples_cmd(
 
 # --- augment-dataset (compose) --------------------------------------------------------------
 @app.command("augment-dataset")
+@cli_errors()
 def augment_dataset_cmd(
     dataset: Path = typer.Argument(..., help="real dataset (data.yaml/COCO/...) or a folder/file of tiles/GeoTIFFs"),
     pool: list[Path] = typer.Option([], "--pool", help="instance pool folder(s) with manifest.jsonl (repeatable)"),
@@ -511,13 +483,9 @@ def augment_dataset_cmd(
 ) -> None:
     """Paste pool instances into real tiles: labels from the pasted alpha, resumable, parallel."""
     from synthgen.compose import augment_dataset
-    from synthgen.errors import SynthgenError
 
-    try:
-        r = augment_dataset(dataset, pool, out, config, image_list=image_list, n_images=n_images, seed=seed,
-                            workers=workers, preview=preview, on_error=on_error, generator=generator)
-    except SynthgenError as e:
-        _fail(e)
+    r = augment_dataset(dataset, pool, out, config, image_list=image_list, n_images=n_images, seed=seed,
+                        workers=workers, preview=preview, on_error=on_error, generator=generator)
     _print_read_notes([], r.problems)
     for name, p in r.pools.items():
         if "painted" in p:
@@ -535,6 +503,7 @@ def augment_dataset_cmd(
 
 # --- train-detector / detect / benchmark ----------------------------------------------------
 @app.command("train-detector")
+@cli_errors(ValueError)
 def train_detector_cmd(
     data: Path = typer.Option(..., help="data.yaml (train_real/train_synthetic lists enable --synthetic-ratio)"),
     out: Path = typer.Option(..., help="run folder: weights/best.pt, best.safetensors, done.json"),
@@ -551,21 +520,18 @@ def train_detector_cmd(
 ) -> None:
     """Train a YOLO detector offline; the synthetic share of each batch is set by a ratio."""
     from detection.train import DetectorTrainConfig, train_detector
-    from synthgen.errors import SynthgenError
 
-    try:
-        base = DetectorTrainConfig.from_yaml(config) if config else DetectorTrainConfig()
-        flags = dict(model=model, imgsz=imgsz, epochs=epochs, batch=batch, seed=seed, device=device,
-                     synthetic_ratio=synthetic_ratio)
-        cfg = DetectorTrainConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
-                                     | {"data": str(data)}))
-        best = train_detector(cfg, out, trust_checkpoint=trust_checkpoint)
-    except (SynthgenError, ValueError) as e:
-        _fail(e)
+    base = DetectorTrainConfig.from_yaml(config) if config else DetectorTrainConfig()
+    flags = dict(model=model, imgsz=imgsz, epochs=epochs, batch=batch, seed=seed, device=device,
+                 synthetic_ratio=synthetic_ratio)
+    cfg = DetectorTrainConfig(**(base.model_dump() | {k: v for k, v in flags.items() if v is not None}
+                                 | {"data": str(data)}))
+    best = train_detector(cfg, out, trust_checkpoint=trust_checkpoint)
     console.print(f"trained {cfg.model} for {cfg.epochs} epochs -> {best}")
 
 
 @app.command("detect")
+@cli_errors()
 def detect_cmd(
     model: Path = typer.Option(..., help="best.pt or best.safetensors from train-detector"),
     source: Path = typer.Option(..., help="image, GeoTIFF or folder"),
@@ -582,14 +548,10 @@ def detect_cmd(
 ) -> None:
     """Sliced inference over large frames and GeoTIFFs (CSV, COCO, GeoPackage in map coordinates)."""
     from detection.infer import SliceConfig, detect
-    from synthgen.errors import SynthgenError
 
-    try:
-        cfg = SliceConfig(tile=tile, overlap=overlap, batch=batch, conf=conf, merge=merge,
-                          merge_threshold=merge_threshold)
-        s = detect(model, source, out, cfg, device=device, trust_checkpoint=trust_checkpoint)
-    except SynthgenError as e:
-        _fail(e)
+    cfg = SliceConfig(tile=tile, overlap=overlap, batch=batch, conf=conf, merge=merge,
+                      merge_threshold=merge_threshold)
+    s = detect(model, source, out, cfg, device=device, trust_checkpoint=trust_checkpoint)
     for f in s["no_crs"]:
         console.print(f"note: {f}: raster without a CRS, so no GeoPackage was written (boxes are in pixels in "
                       "predictions.csv)", soft_wrap=True, highlight=False)
@@ -598,6 +560,7 @@ def detect_cmd(
 
 
 @app.command("benchmark")
+@cli_errors()
 def benchmark_cmd(
     config: Path = typer.Option(..., help="configs/benchmarks/NAME.yaml"),
     scale: str = typer.Option("cpu", help="scale from the config: smoke (minutes: every stage at a tiny size, checks "
@@ -615,20 +578,17 @@ def benchmark_cmd(
     from synthgen.benchmark import run_benchmark
     from synthgen.errors import SynthgenError
 
-    try:
-        tests = dict(t.split("=", 1) for t in test if "=" in t)
-        if len(tests) != len(test):
-            raise SynthgenError(f"--test {next(t for t in test if '=' not in t)}: expected NAME=DATA")
-        if learning_curve:
-            from synthgen.benchmark.curve import run_learning_curve
+    tests = dict(t.split("=", 1) for t in test if "=" in t)
+    if len(tests) != len(test):
+        raise SynthgenError(f"--test {next(t for t in test if '=' not in t)}: expected NAME=DATA")
+    if learning_curve:
+        from synthgen.benchmark.curve import run_learning_curve
 
-            res = run_learning_curve(config, scale, out, work, device=device)
-            console.print(f"real-only within {res['tolerance'] * 100:.0f} point of its plateau "
-                          f"({res['plateau_map50']:.3f}) at {res['chosen_epochs']} epochs -> {res['out']}")
-            return
-        res = run_benchmark(config, scale, out, work, device=device, tests=tests)
-    except SynthgenError as e:
-        _fail(e)
+        res = run_learning_curve(config, scale, out, work, device=device)
+        console.print(f"real-only within {res['tolerance'] * 100:.0f} point of its plateau "
+                      f"({res['plateau_map50']:.3f}) at {res['chosen_epochs']} epochs -> {res['out']}")
+        return
+    res = run_benchmark(config, scale, out, work, device=device, tests=tests)
     console.print(f"{len(res['runs'])} detectors evaluated ({res['stages']['ran']} stages run, "
                   f"{res['stages']['cached']} cached) -> {res['out']}")
 
@@ -642,19 +602,17 @@ def _add_taxa(base: Path | None, taxa: Path | None, data: Path | None, out: Path
     from synthgen.errors import SynthgenError
 
     if base is None or data is None:
-        _fail(SynthgenError("--add-taxa needs --from MODEL and --data CHIPS (the new taxa's chips)"))
+        raise SynthgenError("--add-taxa needs --from MODEL and --data CHIPS (the new taxa's chips)")
     if given := [f"--{k.replace('_', '-')}" for k, v in pixel_only.items() if v is not None]:
-        _fail(SynthgenError(f"{', '.join(given)}: not for --add-taxa (the base model fixes them)"))
-    try:
-        cfg = ContinualConfig.from_yaml(config, device=device, threads=threads)
-        res = add_taxa(base, data, out, taxa, cfg)
-    except SynthgenError as e:
-        _fail(e)
+        raise SynthgenError(f"{', '.join(given)}: not for --add-taxa (the base model fixes them)")
+    cfg = ContinualConfig.from_yaml(config, device=device, threads=threads)
+    res = add_taxa(base, data, out, taxa, cfg)
     console.print(f"added {', '.join(res.new_taxa)} in {res.steps} steps ({cfg.tune}); delta {res.delta_bytes / 1e3:.1f} KB "
                   f"vs {res.base_bytes / 1e6:.2f} MB full -> {res.out}")
 
 
 @app.command("transmute")
+@cli_errors()
 def transmute_cmd(
     model: Path = typer.Option(..., help="model folder (from `synthgen train`, or extended with --add-taxa)"),
     from_image: Path = typer.Option(..., help="a real chip of the source animal"),
@@ -672,22 +630,19 @@ def transmute_cmd(
     device: str | None = typer.Option(None, help="auto | cpu | cuda[:N]"),
 ) -> None:
     """Turn a real instance of one taxon into another taxon in the same pose and light."""
-    from synthgen.errors import SynthgenError
     from synthgen.transmute import TransmuteConfig, transmute
 
     _refuse(out, model, from_image, config, what="pool folder")
-    try:
-        guide = {k: v for k, v in dict(mode=guidance, scale=scale).items() if v is not None}
-        cfg = TransmuteConfig.from_yaml(config, method=method, strength=strength, steps=steps, seed=seed, device=device,
-                                        guidance=guide or None)
-        rows = transmute(model, from_image, to_taxon, out, from_taxon=from_taxon, cfg=cfg, n=n)
-    except SynthgenError as e:
-        _fail(e)
+    guide = {k: v for k, v in dict(mode=guidance, scale=scale).items() if v is not None}
+    cfg = TransmuteConfig.from_yaml(config, method=method, strength=strength, steps=steps, seed=seed, device=device,
+                                    guidance=guide or None)
+    rows = transmute(model, from_image, to_taxon, out, from_taxon=from_taxon, cfg=cfg, n=n)
     console.print(f"{len(rows)} transmutation(s) to {rows[0]['taxon']} from t={rows[0]['t_start']} "
                   f"({rows[0]['t_source']}) -> {out / 'manifest.jsonl'}")
 
 
 @app.command("branch-points")
+@cli_errors()
 def branch_points_cmd(
     model: Path = typer.Option(..., help="model folder; branch_points.json is written into it"),
     chips: Path = typer.Option(..., help="chips folder (manifest.jsonl) of the taxa to compare"),
@@ -701,12 +656,8 @@ def branch_points_cmd(
     import json
 
     from synthgen.branching import branch_points
-    from synthgen.errors import SynthgenError
 
-    try:
-        path = branch_points(model, chips, n_per_taxon=n_per_taxon, grid=grid, tol=tol, split=split, seed=seed)
-    except SynthgenError as e:
-        _fail(e)
+    path = branch_points(model, chips, n_per_taxon=n_per_taxon, grid=grid, tol=tol, split=split, seed=seed)
     bp = json.loads(path.read_text(encoding="utf-8"))
     for lv, v in bp["per_level"].items():
         console.print(f"{lv:>10}: t={v['t']:4d} ({v['frac']:.2f} of T, {v['pairs']} pairs)")

@@ -57,6 +57,18 @@ def aquarium_chips(aquarium: Path):
     return lambda out, **kw: _aquarium_chips(aquarium, out, **kw)
 
 
+@pytest.fixture
+def no_network(monkeypatch):
+    """Every socket lookup and connect fails, as on an offline machine."""
+    import socket
+
+    def deny(*a, **k):
+        raise OSError("network denied in test")
+
+    monkeypatch.setattr(socket, "getaddrinfo", deny)
+    monkeypatch.setattr(socket.socket, "connect", deny)
+
+
 @pytest.fixture(autouse=True)
 def _no_leaked_ultralytics_pil_patch():
     """Tests that import ultralytics directly must not leak its process-wide PIL.Image.open patch

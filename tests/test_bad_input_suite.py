@@ -11,11 +11,11 @@ import hashlib
 import json
 import re
 import shutil
-import struct
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from helpers import patch_jpeg_size
 from typer.testing import CliRunner
 
 from cli import app
@@ -52,16 +52,6 @@ def _set_line(lab: Path, n: int, text: str) -> None:
     lines = lab.read_text().splitlines()
     lines[n - 1] = text
     lab.write_text("\n".join(lines) + "\n")
-
-
-def _patch_jpeg_size(img: Path, w: int, h: int) -> None:
-    """Rewrite the frame header (SOFn) so it claims w x h; the compressed data stays as it was."""
-    b = bytearray(img.read_bytes())
-    i = 2
-    while b[i + 1] not in (0xC0, 0xC1, 0xC2):
-        i += 2 + struct.unpack(">H", b[i + 2:i + 4])[0]
-    b[i + 5:i + 9] = struct.pack(">HH", h, w)
-    img.write_bytes(bytes(b))
 
 
 # --- the broken copies: each returns (input folder, {name: path} used in the expected messages) ---
@@ -116,14 +106,14 @@ def jpeg_header_mismatch(data: Path, tmp: Path):
     """A 1024x768 JPEG whose header says 4096x4096: it decodes without error into mostly grey."""
     root = _yolo_copy(data / "aquarium", tmp / "in")
     img = _images(root)[0]
-    _patch_jpeg_size(img, 4096, 4096)
+    patch_jpeg_size(img, 4096, 4096)
     return root, {"img": img}
 
 
 def decompression_bomb(data: Path, tmp: Path):
     root = _yolo_copy(data / "aquarium", tmp / "in")
     img = _images(root)[1]
-    _patch_jpeg_size(img, 20000, 20000)
+    patch_jpeg_size(img, 20000, 20000)
     return root, {"img": img}
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import rasterio
-from test_bad_input_suite import _patch_jpeg_size
+from helpers import patch_jpeg_size
 from typer.testing import CliRunner
 
 from cli import app
@@ -234,7 +234,7 @@ def test_header_that_disagrees_with_pixels(copy):
     for good in imgs:  # real photos never trip the check
         w, h = image_size(good, verify=True)
         assert load_rgb(good).shape == (h, w, 3)
-    _patch_jpeg_size(imgs[0], 2048, 2048)
+    patch_jpeg_size(imgs[0], 2048, 2048)
     assert image_size(imgs[0]) == (2048, 2048)  # the header alone cannot tell
     for call in (lambda: image_size(imgs[0], verify=True), lambda: load_rgb(imgs[0])):
         with pytest.raises(DataError, match=r"header says 2048x2048 but the pixel data ends at row \d+") as e:
@@ -246,7 +246,7 @@ def test_header_that_disagrees_with_pixels(copy):
 
 def test_decompression_bomb_is_a_named_problem(copy):
     img = sorted((copy / "train" / "images").iterdir())[1]
-    _patch_jpeg_size(img, 20000, 20000)
+    patch_jpeg_size(img, 20000, 20000)
     with pytest.raises(DataError, match="over Pillow's pixel limit") as e:
         read_dataset(copy)
     assert str(e.value).startswith(str(img))

@@ -10,7 +10,6 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from test_metrics import no_network  # noqa: F401  (fixture)
 
 from synthgen.errors import SynthgenError
 from synthgen.features import (

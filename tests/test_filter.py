@@ -11,7 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from test_scoring import LINEAGE, noise_images, seal_chips, seal_judge, tiny_chips, tiny_judge
+from helpers import LINEAGE, noise_images, seal_chips, seal_judge, tiny_chips, tiny_judge
 from typer.testing import CliRunner
 
 from synthgen.errors import SynthgenError

@@ -4,15 +4,14 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import warnings
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from helpers import LINEAGE, tiny_chips, tiny_judge, tiny_open_clip
 from PIL import Image
-from test_scoring import LINEAGE, tiny_chips, tiny_judge
 from typer.testing import CliRunner
 
 from synthgen.errors import SynthgenError
@@ -79,15 +78,6 @@ def test_diversity_and_nearest_by_hand():
     assert np.isnan(mean_pairwise_distance(eye[:1]))
     d = nearest_distance(np.array([[1.0, 0], [1, 1]]), np.array([[2.0, 0], [0, 1]]))
     np.testing.assert_allclose(d, [0, 1 - np.cos(np.pi / 4)], atol=1e-7)
-
-
-@pytest.fixture
-def no_network(monkeypatch):
-    def deny(*a, **k):
-        raise OSError("network denied in test")
-
-    monkeypatch.setattr(socket, "getaddrinfo", deny)
-    monkeypatch.setattr(socket.socket, "connect", deny)
 
 
 def _lpips_file(path: Path) -> Path:
@@ -230,8 +220,6 @@ def test_sample_quality_benchmark_on_tiny_generator(aquarium_chips, tmp_path):
     """benchmarks/sample_quality.py end to end: a tiny diffusion model trained a few steps on real
     chips, both guidance modes, features from a tiny random open_clip model in a local folder."""
     import sys
-
-    from test_scoring import tiny_open_clip
 
     from synthgen.train import TrainConfig, train
 

@@ -269,15 +269,45 @@ def read_data_yaml(path: str | Path) -> DataYaml:
     return DataYaml(path, root.resolve(), splits, names)
 
 
-def save_data_yaml(path: str | Path, names: list[str], splits: dict[str, str | list[str]], root: str = ".") -> Path:
-    """Write an Ultralytics data.yaml atomically (names as an id -> name mapping)."""
-    d = {"path": root, **{k: v for k, v in splits.items()}, "names": dict(enumerate(names))}
+def save_data_yaml(path: str | Path, names: list[str], splits: dict[str, str | list[str]], root: str | Path = ".",
+                   **extra) -> Path:
+    """Write an Ultralytics data.yaml atomically, the one writer of the format: `path`, the split
+    entries, names as an id -> name mapping, then `extra` keys (the synthetic-mix contract of
+    `detection.train`: train_real, train_synthetic, synthetic_ratio, counts)."""
+    d = {"path": str(root), **splits, "names": dict(enumerate(names)), **extra}
     with atomic_write(path) as f:
         yaml.safe_dump(d, f, sort_keys=False)
     return Path(path)
 
 
 # --- YOLO ----------------------------------------------------------------------------------------
+def yolo_line(cls: int | str, box, w: float, h: float) -> str:
+    """One YOLO detect label line `cls cx cy bw bh` (normalised, 6 decimals), the pixel box
+    (x0, y0, x1, y1) clipped to the w x h image first: a label describes what the image shows."""
+    x0, y0, x1, y1 = (max(0.0, min(float(v), lim)) for v, lim in zip(box, (w, h, w, h), strict=True))
+    return f"{cls} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}"
+
+
+def polygon_line(cls: int | str, pts, w: float, h: float, clip: bool = True) -> str:
+    """One YOLO polygon label line (OBB corners or a segment outline) from pixel points x1 y1 x2 y2 ..;
+    `clip=False` keeps corners outside the image, where a rotated box of an edge animal lies."""
+    xy = np.asarray(pts, float).reshape(-1, 2) / [w, h]
+    return f"{cls} " + " ".join(f"{v:.6f}" for v in (np.clip(xy, 0, 1) if clip else xy).ravel())
+
+
+def box_corners(box) -> list[float]:
+    """The four corners x1 y1 .. x4 y4 of an axis-aligned pixel box, as a polygon label needs them."""
+    x0, y0, x1, y1 = box
+    return [x0, y0, x1, y0, x1, y1, x0, y1]
+
+
+def write_label_file(path: str | Path, lines: list[str]) -> Path:
+    """A YOLO label file, one line each and newline-terminated (empty for an image without boxes)."""
+    with atomic_write(path) as f:
+        f.write("".join(ln + "\n" for ln in lines))
+    return Path(path)
+
+
 def label_path(image: Path) -> Path:
     """Ultralytics convention: the last /images/ in the path becomes /labels/, suffix .txt."""
     s = str(image)
@@ -420,17 +450,13 @@ def _write_yolo(ds: DetectionDataset, out: Path, obb: bool, images: str) -> Path
             _place_image(src, dst, images)
             lines = []
             for b in by_img.get(r.image_path, pd.DataFrame()).itertuples():
+                box = (b.xmin, b.ymin, b.xmax, b.ymax)
                 if obb:
-                    c = b.obb if isinstance(b.obb, tuple | list) and len(b.obb) == 8 else (
-                        b.xmin, b.ymin, b.xmax, b.ymin, b.xmax, b.ymax, b.xmin, b.ymax)
-                    xy = [c[i] / (r.width if i % 2 == 0 else r.height) for i in range(8)]
-                    lines.append(f"{cid[b.label]} " + " ".join(f"{v:.6f}" for v in xy))
+                    c = b.obb if isinstance(b.obb, tuple | list) and len(b.obb) == 8 else box_corners(box)
+                    lines.append(polygon_line(cid[b.label], c, r.width, r.height, clip=False))
                 else:
-                    cx, cy = (b.xmin + b.xmax) / 2 / r.width, (b.ymin + b.ymax) / 2 / r.height
-                    bw, bh = (b.xmax - b.xmin) / r.width, (b.ymax - b.ymin) / r.height
-                    lines.append(f"{cid[b.label]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
-            with atomic_write(out / split / "labels" / f"{src.stem}.txt") as f:
-                f.write("".join(ln + "\n" for ln in lines))
+                    lines.append(yolo_line(cid[b.label], box, r.width, r.height))
+            write_label_file(out / split / "labels" / f"{src.stem}.txt", lines)
         splits[split] = f"{split}/images"
     return save_data_yaml(out / "data.yaml", names, splits)
 
@@ -530,23 +556,39 @@ def _read_coco(path: Path, col: _Collector, split: str | None, images_dir: Path 
     return DetectionDataset(im, bx, names, col.problems, str(path), "coco")
 
 
+def coco_image(image_id: int, file_name: str, width: int, height: int) -> dict:
+    """One entry of a COCO `images` table."""
+    return {"id": image_id, "file_name": file_name, "width": int(width), "height": int(height)}
+
+
+def coco_annotation(ann_id: int, image_id: int, box, category_id: int, **extra) -> dict:
+    """One COCO annotation from a pixel box (x0, y0, x1, y1): bbox as [x, y, w, h], then `extra` keys
+    (segmentation, score, synthetic) as the writer needs them."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return {"id": ann_id, "image_id": image_id, "category_id": category_id, "bbox": [x0, y0, x1 - x0, y1 - y0],
+            "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, **extra}
+
+
+def write_coco(path: str | Path, images: list[dict], annotations: list[dict], names: list[str] | dict[int, str]) -> Path:
+    """Write a COCO JSON file atomically, the one writer of the format; `names` in class-id order
+    (or an id -> name mapping, as a detector's names are) becomes the category table."""
+    cats = names.items() if isinstance(names, dict) else enumerate(names)
+    write_json(path, {"info": {"description": "written by synthgen"}, "images": images,
+                      "categories": [{"id": int(i), "name": n, "supercategory": "none"} for i, n in cats],
+                      "annotations": annotations})
+    return Path(path)
+
+
 def _write_coco(ds: DetectionDataset, out: Path) -> Path:
     names = _all_names(ds)
     cid = {n: i for i, n in enumerate(names)}
     for split, group in ds.images.groupby("split", sort=False):
         img_id = {p: i for i, p in enumerate(group.image_path, 1)}
         bx = ds.boxes[ds.boxes.image_path.isin(img_id)]
-        coco = {
-            "info": {"description": "written by synthgen"},
-            "images": [{"id": img_id[r.image_path], "file_name": r.image_path, "width": int(r.width),
-                        "height": int(r.height)} for r in group.itertuples()],
-            "categories": [{"id": i, "name": n, "supercategory": "none"} for n, i in cid.items()],
-            "annotations": [{"id": j, "image_id": img_id[b.image_path], "category_id": cid[b.label],
-                             "bbox": [b.xmin, b.ymin, b.xmax - b.xmin, b.ymax - b.ymin],
-                             "area": (b.xmax - b.xmin) * (b.ymax - b.ymin), "iscrowd": 0}
-                            for j, b in enumerate(bx.itertuples(), 1)],
-        }
-        write_json(out / f"{split}.json", coco)
+        write_coco(out / f"{split}.json",
+                   [coco_image(img_id[r.image_path], r.image_path, r.width, r.height) for r in group.itertuples()],
+                   [coco_annotation(j, img_id[b.image_path], (b.xmin, b.ymin, b.xmax, b.ymax), cid[b.label])
+                    for j, b in enumerate(bx.itertuples(), 1)], names)
     return out
 
 

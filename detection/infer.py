@@ -26,6 +26,7 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
+from detection.dataset import coco_annotation, coco_image, write_coco  # noqa: E402
 from synthgen.device import autocast, resolve_device  # noqa: E402
 from synthgen.errors import SynthgenError  # noqa: E402
 from synthgen.io_utils import (  # noqa: E402
@@ -34,7 +35,6 @@ from synthgen.io_utils import (  # noqa: E402
     atomic_write,
     read_jsonl,
     refuse_inside_inputs,
-    write_json,
 )
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".webp"}
@@ -342,22 +342,14 @@ def _write_gpkg(df: pd.DataFrame, frame: Frame, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def write_coco(df: pd.DataFrame, frames: list[Frame], names: dict[int, str], path: Path) -> None:
+def write_coco_predictions(df: pd.DataFrame, frames: list[Frame], names: dict[int, str], path: Path) -> None:
     """COCO detection results plus the image and category tables (one self-contained file)."""
     cat_id = {v: k for k, v in names.items()}
     img_id = {str(f.path.resolve()): i for i, f in enumerate(frames, 1)}
-    coco = {
-        "images": [{"id": i, "file_name": p, "width": f.width, "height": f.height}
-                   for (p, i), f in zip(img_id.items(), frames, strict=True)],
-        "categories": [{"id": k, "name": v} for k, v in names.items()],
-        "annotations": [
-            {"id": j, "image_id": img_id[r.image_path], "category_id": cat_id.get(r.label, -1),
-             "bbox": [r.xmin, r.ymin, r.xmax - r.xmin, r.ymax - r.ymin],
-             "area": (r.xmax - r.xmin) * (r.ymax - r.ymin), "score": r.score, "iscrowd": 0}
-            for j, r in enumerate(df.itertuples(), 1)
-        ],
-    }
-    write_json(path, coco)
+    images = [coco_image(i, p, f.width, f.height) for (p, i), f in zip(img_id.items(), frames, strict=True)]
+    anns = [coco_annotation(j, img_id[r.image_path], (r.xmin, r.ymin, r.xmax, r.ymax), cat_id.get(r.label, -1),
+                            score=r.score) for j, r in enumerate(df.itertuples(), 1)]
+    write_coco(path, images, anns, names)
 
 
 def draw_preview(df: pd.DataFrame, frame: Frame, path: Path, max_side: int = PREVIEW_SIDE) -> Path:
@@ -423,7 +415,7 @@ def detect(
     )
     with atomic_write(out_dir / "predictions.csv") as fh:
         df.to_csv(fh, index=False)
-    write_coco(df, frames, det.names, out_dir / "predictions.coco.json")
+    write_coco_predictions(df, frames, det.names, out_dir / "predictions.coco.json")
     gpkgs, no_crs, previews = [], [], []
     for f in frames:
         mine = df[df.image_path == str(f.path.resolve())]

@@ -32,9 +32,10 @@ import yaml  # noqa: E402
 from pydantic import ConfigDict, Field, field_validator  # noqa: E402
 
 from detection.backbones import register_backbones  # noqa: E402
+from detection.dataset import read_data_yaml, save_data_yaml  # noqa: E402
 from synthgen.config import YamlConfig  # noqa: E402
 from synthgen.errors import ConfigError, SynthgenError  # noqa: E402
-from synthgen.io_utils import atomic_write, dataset_inputs, refuse_inside_inputs, write_json  # noqa: E402
+from synthgen.io_utils import dataset_inputs, refuse_inside_inputs, write_json  # noqa: E402
 
 
 class DetectorTrainError(SynthgenError):
@@ -387,18 +388,10 @@ def write_data_yaml(
     test: str | Path | None = None,
 ) -> Path:
     """Write an ultralytics data.yaml (absolute paths) in the contract above."""
-    d: dict[str, Any] = {"path": str(Path(path).parent.resolve()), "names": dict(enumerate(names))}
-    d["train"] = [str(train_real)] + ([str(train_synthetic)] if train_synthetic else [])
-    d["train_real"] = str(train_real)
-    if train_synthetic:
-        d["train_synthetic"] = str(train_synthetic)
-        d["synthetic_ratio"] = synthetic_ratio
-    d["val"] = str(val)
-    if test:
-        d["test"] = str(test)
-    with atomic_write(path) as f:
-        yaml.safe_dump(d, f, sort_keys=False)
-    return Path(path)
+    splits: dict[str, Any] = {"train": [str(train_real)] + ([str(train_synthetic)] if train_synthetic else []),
+                              "val": str(val), **({"test": str(test)} if test else {})}
+    mix = {"train_synthetic": str(train_synthetic), "synthetic_ratio": synthetic_ratio} if train_synthetic else {}
+    return save_data_yaml(path, list(names), splits, Path(path).parent.resolve(), train_real=str(train_real), **mix)
 
 
 def _prepare_data(cfg: DetectorTrainConfig, out_dir: Path) -> str:
@@ -418,15 +411,13 @@ def _prepare_data(cfg: DetectorTrainConfig, out_dir: Path) -> str:
     if ratio is None or "train_synthetic" not in d:
         if cfg.synthetic_ratio is not None and "train_synthetic" not in d:
             raise DetectorTrainError(f"{src}: --synthetic-ratio needs a 'train_synthetic' image list in data.yaml")
-        d["path"] = str(root)
     else:
         real = d.get("train_real", d.get("train"))
-        d.update(path=str(root), train=[real, d["train_synthetic"]], train_real=real, synthetic_ratio=float(ratio),
+        d.update(train=[real, d["train_synthetic"]], train_real=real, synthetic_ratio=float(ratio),
                  synthetic_epoch=cfg.synthetic_epoch)
-    out = out_dir / "data.yaml"
-    with atomic_write(out) as f:
-        yaml.safe_dump(d, f, sort_keys=False)
-    return str(out)
+    splits = {k: d[k] for k in ("train", "val", "test") if k in d}
+    rest = {k: v for k, v in d.items() if k not in ("path", "names", *splits)}
+    return str(save_data_yaml(out_dir / "data.yaml", read_data_yaml(src).names, splits, root, **rest))
 
 
 def train_detector(cfg: DetectorTrainConfig, out_dir: str | Path, verbose: bool = True,

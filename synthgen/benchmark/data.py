@@ -12,13 +12,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from detection.dataset import canonical_split, label_path, write_label_file, yolo_line
 from synthgen.io_utils import atomic_write
-
-SPLIT_ALIASES = {"valid": "val", "validation": "val"}  # as detection.read_dataset names them
-
-
-def canonical_split(name: str) -> str:
-    return SPLIT_ALIASES.get(name, name)
 
 
 def load_dataset(root: str | Path) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
@@ -44,15 +39,10 @@ def materialize(images: pd.DataFrame, boxes: pd.DataFrame, names: list[str], out
         link.parent.mkdir(parents=True, exist_ok=True)
         if not link.is_symlink():
             os.symlink(src, link)
-        lines = []
         g = by_img.get(r.image_path)
-        if g is not None:
-            for b in g.itertuples():
-                cx, cy = (b.xmin + b.xmax) / 2 / r.width, (b.ymin + b.ymax) / 2 / r.height
-                bw, bh = (b.xmax - b.xmin) / r.width, (b.ymax - b.ymin) / r.height
-                lines.append(f"{cid[b.label]} {cx:.6f} {cy:.6f} {bw:.6f} {bh:.6f}")
-        with atomic_write(out / "labels" / r.split / f"{src.stem}.txt") as f:
-            f.write("\n".join(lines) + ("\n" if lines else ""))
+        lines = [] if g is None else [yolo_line(cid[b.label], (b.xmin, b.ymin, b.xmax, b.ymax), r.width, r.height)
+                                      for b in g.itertuples()]
+        write_label_file(out / "labels" / r.split / f"{src.stem}.txt", lines)
         mapping[r.image_path] = str(link)
     return mapping
 
@@ -61,13 +51,6 @@ def write_list(path: Path, files: list[str]) -> Path:
     with atomic_write(path) as f:
         f.write("\n".join(files) + "\n")
     return path
-
-
-def yolo_label_path(image: str | Path) -> Path:
-    """Where ultralytics looks for an image's label: the last `/images/` becomes `/labels/`."""
-    s = str(image)
-    i = s.rfind("/images/")
-    return Path(s[:i] + "/labels/" + s[i + len("/images/"):]).with_suffix(".txt")
 
 
 def cut_windows(images: list[str], out: Path, window: int, overlap: float, min_visible: float) -> dict[str, list[str]]:
@@ -89,7 +72,7 @@ def cut_windows(images: list[str], out: Path, window: int, overlap: float, min_v
         with Image.open(src) as im:
             rgb = im.convert("RGB")
         w, h = rgb.size
-        lab = yolo_label_path(src)
+        lab = label_path(Path(src))
         rows = [ln.split() for ln in lab.read_text().splitlines() if ln.strip()] if lab.is_file() else []
         b = np.array([[float(v) for v in r[1:5]] for r in rows]).reshape(-1, 4)
         cls = [r[0] for r in rows]
@@ -104,13 +87,11 @@ def cut_windows(images: list[str], out: Path, window: int, overlap: float, min_v
                 c[:, [0, 2]] = np.clip(c[:, [0, 2]] - x0, 0, ww)
                 c[:, [1, 3]] = np.clip(c[:, [1, 3]] - y0, 0, wh)
                 vis = (c[:, 2] - c[:, 0]) * (c[:, 3] - c[:, 1]) / area
-                lines = [f"{k} {(x[0] + x[2]) / 2 / ww:.6f} {(x[1] + x[3]) / 2 / wh:.6f} {(x[2] - x[0]) / ww:.6f} "
-                         f"{(x[3] - x[1]) / wh:.6f}" for k, x, v in zip(cls, c, vis, strict=True) if v >= min_visible]
+                lines = [yolo_line(k, x, ww, wh) for k, x, v in zip(cls, c, vis, strict=True) if v >= min_visible]
                 name = f"{Path(src).stem}__{x0}_{y0}"
                 dst = out_images / f"{name}.jpg"
                 with atomic_write(dst, "wb") as f:
                     rgb.crop((x0, y0, x0 + ww, y0 + wh)).save(f, format="JPEG", quality=95)
-                with atomic_write(out_labels / f"{name}.txt") as f:
-                    f.write("\n".join(lines) + ("\n" if lines else ""))
+                write_label_file(out_labels / f"{name}.txt", lines)
                 index[src].append(str(dst))
     return index

@@ -18,12 +18,13 @@ from typing import Any
 
 import pandas as pd
 
+from detection.dataset import canonical_split
 from detection.metrics import evaluate
 from detection.train import DetectorTrainConfig, train_detector, write_data_yaml
 from synthgen.benchmark import synthetic
 from synthgen.benchmark.cache import StageCache, stage_hash
 from synthgen.benchmark.config import BenchmarkConfig, ScaleConfig
-from synthgen.benchmark.data import canonical_split, cut_windows, load_dataset, materialize, write_list
+from synthgen.benchmark.data import cut_windows, load_dataset, materialize, write_list
 from synthgen.benchmark.power import image_flags, paired_interval
 from synthgen.benchmark.report import write_report
 from synthgen.benchmark.splits import draw_fraction, split_by_group, tile_and_frame_ids

@@ -29,6 +29,15 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from detection.dataset import (
+    box_corners,
+    coco_annotation,
+    coco_image,
+    polygon_line,
+    save_data_yaml,
+    write_coco,
+    yolo_line,
+)
 from synthgen.compose.blend import (
     build_tile_aug,
     estimate_jpeg_quality,
@@ -406,16 +415,15 @@ def compose_tile(job: dict) -> dict:
     # mix of polygon and box files makes ultralytics drop every segment with a warning
     det, seg, polygons = [], [], st.get("polygon_labels", False)
     for b in existing:
-        x0, y0, x1, y1, c, obb = b[0], b[1], b[2], b[3], int(b[4]), b[5]
-        pts = obb if obb is not None else [x0, y0, x1, y0, x1, y1, x0, y1]
-        det.append(_seg_line(c, pts, tw, th) if polygons else _yolo_line(c, b[:4], tw, th))
-        seg.append(_seg_line(c, pts, tw, th))
+        c, obb = int(b[4]), b[5]
+        pts = obb if obb is not None else box_corners(b[:4])
+        det.append(polygon_line(c, pts, tw, th) if polygons else yolo_line(c, b[:4], tw, th))
+        seg.append(polygon_line(c, pts, tw, th))
     for p in pasted:
-        x0, y0, x1, y1 = p["box"]
-        det.append(_seg_line(p["cls"], p.get("obb") or [x0, y0, x1, y0, x1, y1, x0, y1], tw, th) if polygons
-                   else _yolo_line(p["cls"], p["box"], tw, th))
+        det.append(polygon_line(p["cls"], p.get("obb") or box_corners(p["box"]), tw, th) if polygons
+                   else yolo_line(p["cls"], p["box"], tw, th))
         if "poly" in p:
-            seg.append(_seg_line(p["cls"], p["poly"], tw, th))
+            seg.append(polygon_line(p["cls"], p["poly"], tw, th))
     stem = Path(job["out_rel"]).with_suffix(".txt").name
     # a painted animal's hole is not its mask: no instance-seg labels where painting made the tile
     outputs = (("labels", det),) if st.get("generator") is not None else (("labels", det), ("labels-seg", seg))
@@ -432,16 +440,6 @@ def _replace_write(path: Path, data: bytes | str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_bytes(data) if isinstance(data, bytes) else tmp.write_text(data, encoding="utf-8")
     os.replace(tmp, path)
-
-
-def _yolo_line(c: int, b, w: int, h: int) -> str:
-    x0, y0, x1, y1 = (max(0.0, min(float(v), lim)) for v, lim in zip(b, (w, h, w, h), strict=True))
-    return f"{c} {(x0 + x1) / 2 / w:.6f} {(y0 + y1) / 2 / h:.6f} {(x1 - x0) / w:.6f} {(y1 - y0) / h:.6f}"
-
-
-def _seg_line(c: int, pts, w: int, h: int) -> str:
-    xy = np.asarray(pts, float).reshape(-1, 2) / [w, h]
-    return f"{c} " + " ".join(f"{v:.6f}" for v in np.clip(xy, 0, 1).ravel())
 
 
 def _write_geotiff(tile: np.ndarray, profile: dict, path: Path) -> None:
@@ -672,8 +670,6 @@ def _pool_summary(pools: list[Path], items: list[dict], recs: list[dict], prov: 
 
 def _finalize(out: Path, ds, rows: list[dict], names: list[str], cfg: ComposeConfig, image_list) -> Path:
     """Lists, data.yaml, COCO JSON and (GeoTIFFs) the GeoPackage, all derived from the manifest."""
-    import yaml
-
     synth = [str(out / r["output"]) for r in rows]
     real = ds.images[ds.images.split.isin(cfg.background_splits)].image_path.tolist()
     if image_list:
@@ -687,13 +683,10 @@ def _finalize(out: Path, ds, rows: list[dict], names: list[str], cfg: ComposeCon
     for k, v in lists.items():
         with atomic_write(out / f"{k}.txt") as f:
             f.writelines(p + "\n" for p in v)
-    d = {"path": str(out), "train": ["train_real.txt", "train_synthetic.txt"], "train_real": "train_real.txt",
-         "train_synthetic": "train_synthetic.txt", "synthetic_ratio": cfg.synthetic_ratio}
-    d.update({s: f"{s}.txt" for s in ("val", "test") if s in lists})
-    d["names"] = dict(enumerate(names))
-    d["counts"] = {"train_real": len(real), "train_synthetic": len(synth)}
-    with atomic_write(out / "data.yaml") as f:
-        yaml.safe_dump(d, f, sort_keys=False)
+    splits = {"train": ["train_real.txt", "train_synthetic.txt"], **{s: f"{s}.txt" for s in ("val", "test") if s in lists}}
+    save_data_yaml(out / "data.yaml", names, splits, out, train_real="train_real.txt",
+                   train_synthetic="train_synthetic.txt", synthetic_ratio=cfg.synthetic_ratio,
+                   counts={"train_real": len(real), "train_synthetic": len(synth)})
     _write_coco(out / "annotations" / "instances_train_synthetic.json", rows, names)
     if any(r["geo"] for r in rows):
         _write_gpkg(out / "boxes.gpkg", out, [r for r in rows if r["geo"]], names)
@@ -701,22 +694,17 @@ def _finalize(out: Path, ds, rows: list[dict], names: list[str], cfg: ComposeCon
 
 
 def _write_coco(path: Path, rows: list[dict], names: list[str]) -> None:
+    """The composed tiles' boxes as COCO, each annotation marked synthetic (pasted) or real, with its polygon."""
     images, anns = [], []
     for i, r in enumerate(rows, 1):
-        images.append({"id": i, "file_name": r["output"], "width": r["width"], "height": r["height"]})
+        images.append(coco_image(i, r["output"], r["width"], r["height"]))
         for b in r["real"]:
             seg = [b[5]] if b[5] is not None else []
-            anns.append(_coco_ann(len(anns) + 1, i, b[:4], int(b[4]), seg, synthetic=False))
+            anns.append(coco_annotation(len(anns) + 1, i, b[:4], int(b[4]), segmentation=seg, synthetic=False))
         for p in r["pasted"]:
-            anns.append(_coco_ann(len(anns) + 1, i, p["box"], p["cls"], [p.get("poly") or p["obb"]], synthetic=True))
-    write_json(path, {"images": images, "annotations": anns,
-                      "categories": [{"id": k, "name": n} for k, n in enumerate(names)]})
-
-
-def _coco_ann(aid: int, iid: int, b, c: int, seg, synthetic: bool) -> dict:
-    x0, y0, x1, y1 = (float(v) for v in b)
-    return {"id": aid, "image_id": iid, "category_id": c, "bbox": [x0, y0, x1 - x0, y1 - y0],
-            "area": (x1 - x0) * (y1 - y0), "iscrowd": 0, "segmentation": seg, "synthetic": synthetic}
+            anns.append(coco_annotation(len(anns) + 1, i, p["box"], p["cls"], segmentation=[p.get("poly") or p["obb"]],
+                                        synthetic=True))
+    write_coco(path, images, anns, names)
 
 
 def _write_gpkg(path: Path, out: Path, rows: list[dict], names: list[str]) -> None:

@@ -29,6 +29,7 @@ from pydantic import ConfigDict, Field
 from safetensors.torch import load_file, save
 from torch import nn
 
+from detection.dataset import canonical_split
 from synthgen.config import YamlConfig
 from synthgen.device import autocast, resolve_device
 from synthgen.errors import ConfigError
@@ -40,7 +41,6 @@ from synthgen.scoring.base import Pool, Scorer, ScoringError, TaxonSpace, batche
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 WEIGHTS, CONFIG = "judge.safetensors", "judge.json"
-VAL_SPLITS = ("val", "valid", "validation")
 IMAGENET = "imagenet"
 
 
@@ -180,8 +180,9 @@ def _load_chips(pool: Pool, rows: list[dict], size: int, desc: str) -> torch.Ten
 
 
 def held_out_split(rows: list[dict]) -> str | None:
-    splits = {r.get("split") for r in rows}
-    return next((s for s in VAL_SPLITS if s in splits), None)
+    """The rows' validation split under whichever name they carry (`val`, or an alias such as `valid`)."""
+    splits = sorted({r["split"] for r in rows if r.get("split")})
+    return next((s for s in splits if canonical_split(s) == "val"), None)
 
 
 def _codes(space: TaxonSpace, rows: list[dict]) -> torch.Tensor:

@@ -47,6 +47,40 @@ def load_tiles(data: str, split: str, group_pattern: str | None):
     return tiles
 
 
+def shifted_places(tile_wh: tuple[int, int], corners: list[np.ndarray], margin: float, per_tile: int,
+                   rng: np.random.Generator, tries: int = 100) -> list[np.ndarray]:
+    """New places beside the tile's labelled seals: a seal's box moved 1-2.5 of its lengths in a
+    random direction and turned at random, kept whole on the tile and clear of every labelled seal
+    and of each other. The surroundings stay those seals choose (haul-out ice), so the classifier
+    compares animals, not ice with open water."""
+    from shapely.geometry import Polygon
+
+    from synthgen.incontext.generator import oriented_box
+
+    w, h = tile_wh
+    taken = [Polygon(grow(c, margin)) for c in corners]
+    out: list[np.ndarray] = []
+    for _ in range(tries):
+        if len(out) >= per_tile or not corners:
+            break
+        c = corners[int(rng.integers(len(corners)))]
+        long = float(np.linalg.norm(c[1] - c[0]))
+        short = float(np.linalg.norm(c[2] - c[1]))
+        long, short = max(long, short), min(long, short)
+        theta = rng.uniform(0, 2 * np.pi)
+        centre = c.mean(0) + rng.uniform(1.0, 2.5) * long * np.array([np.cos(theta), np.sin(theta)])
+        cand = oriented_box(tuple(centre), long, short, rng.uniform(0, np.pi))
+        hole = grow(cand, margin)
+        if hole.min() < 0 or hole[:, 0].max() > w or hole[:, 1].max() > h:
+            continue
+        poly = Polygon(hole)
+        if any(poly.intersects(t) for t in taken):
+            continue
+        taken.append(poly)
+        out.append(cand)
+    return out
+
+
 def window_of(gen: InContextGenerator, tile: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The model-size window the generator uses for a hole at `corners`, and its hole mask."""
     h, w = tile.shape[:2]
@@ -88,6 +122,8 @@ def main() -> None:
     ap.add_argument("--split", default="val", help="held-out split (never trained on)")
     ap.add_argument("--train-split", default="train", help="where copy-paste takes its real seals")
     ap.add_argument("--per-tile", type=int, default=3)
+    ap.add_argument("--placement", choices=["shifted", "anywhere"], default="shifted",
+                    help="shifted: beside the tile's labelled seals; anywhere: uniform over the tile (ice or water)")
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--scale", type=float, default=1.5, help="classifier-free guidance scale")
     ap.add_argument("--seed", type=int, default=0)
@@ -125,7 +161,10 @@ def main() -> None:
             hole = grow(c, gen.window.margin)
             if hole.min() >= 0 and hole[:, 0].max() <= w and hole[:, 1].max() <= h:
                 real.append(window_of(gen, rgb, c)[0])
-        places = sample_placements((w, h), corners, shapes, args.per_tile, gen.window.margin, rng)
+        if args.placement == "shifted":
+            places = shifted_places((w, h), corners, gen.window.margin, args.per_tile, rng)
+        else:
+            places = sample_placements((w, h), corners, shapes, args.per_tile, gen.window.margin, rng)
         if not places:
             continue
         placements = [Placement(c, label, label, lineage, seed=args.seed * 100003 + k * 101 + i)
@@ -152,7 +191,7 @@ def main() -> None:
     results = {"real_windows": len(real), "painted_windows": len(painted), "tiles": len(tiles),
                "model": args.model or args.checkpoint, "ema": not args.raw, "steps": args.steps, "scale": args.scale,
                "paint_tiles_per_s": painted_tiles / paint_seconds if paint_seconds else None,
-               "instances_per_tile": args.per_tile}
+               "instances_per_tile": args.per_tile, "placement": args.placement}
     for name, imgs in [("painted", painted), ("copy_paste", pasted), ("grey_hole", grey)]:
         r = realism(pil(real), pil(imgs), seed=args.seed, floor=name == "painted")
         results[name] = r["generated"]
@@ -164,7 +203,7 @@ def main() -> None:
 
     lines = [f"# In-context seals: realism on held-out tiles ({results['model']})", "",
              f"{len(real)} real seal windows of the `{args.split}` split against {len(painted)} painted at new places "
-             f"on the same tiles ({args.per_tile} per tile); {args.steps} DDIM steps, CFG {args.scale}; features "
+             f"on the same tiles ({args.per_tile} per tile, placement `{args.placement}`); {args.steps} DDIM steps, CFG {args.scale}; features "
              f"{results['features']}.", "",
              "| route | two-sample accuracy (95% CI) | FD | KID x1e3 | precision | recall |", "|---|---|---|---|---|---|"]
     for name in ["floor", "painted", "copy_paste", "grey_hole"]:

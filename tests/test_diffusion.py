@@ -222,7 +222,7 @@ def test_resume_refuses_other_model(chips, tmp_path):
 
 def test_bad_chips_manifest_names_line(tmp_path):
     (tmp_path / "manifest.jsonl").write_text('{"file": "a.png", "taxon": "x"}\n{oops\n{"file": "b.png"}\n')
-    with pytest.raises(SynthgenError, match=r"manifest.jsonl:2: bad manifest row"):
+    with pytest.raises(SynthgenError, match=r"manifest.jsonl:2: not valid JSON"):
         load_chips(tmp_path, 32)
     (tmp_path / "manifest.jsonl").write_text('{"file": "a.png", "taxon": "x"}\n')
     with pytest.raises(SynthgenError, match=r"manifest.jsonl:1: cannot read image .*a.png"):

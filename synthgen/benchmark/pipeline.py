@@ -30,6 +30,7 @@ from synthgen.benchmark.report import write_report
 from synthgen.benchmark.splits import draw_fraction, split_by_group, tile_and_frame_ids
 from synthgen.errors import SynthgenError
 from synthgen.io_utils import write_json
+from synthgen.pool import MANIFEST, read_pool
 
 
 def make_split(cfg: BenchmarkConfig, folder: Path) -> dict:
@@ -423,18 +424,15 @@ class Benchmark:
     def _example_instances(self, n: int = 16) -> dict[str, list[str]]:
         """Real training chips, and generated chips the filter kept and rejected, of the first cell that
         has a generator: what the generator draws, beside what it learned from."""
-        import json
-
         for cell in sorted(self.work.glob("cells/*")):
             gen = cell / "filtered" / "kept"
-            if not (gen / "manifest.jsonl").is_file():
+            if not (gen / MANIFEST).is_file():
                 gen = cell / "generated"
-                if not (gen / "manifest.jsonl").is_file():
+                if not (gen / MANIFEST).is_file():
                     continue
 
             def files(folder: Path) -> list[str]:
-                m = folder / "manifest.jsonl"
-                rows = [json.loads(x) for x in m.read_text().splitlines() if x.strip()] if m.is_file() else []
+                rows = read_pool(folder) if (folder / MANIFEST).is_file() else []
                 return [str(folder / r["file"]) for r in rows[:n]]
 
             real = sorted((cell / "chips" / "train").rglob("*.png"))[:n]

@@ -64,9 +64,10 @@ def _reference_chips(chips_dir: Path, out: Path, val_fraction: float) -> Path:
     image (chips of one tile stay on one side); files point back into `chips_dir`, nothing is copied."""
     import hashlib
 
-    from synthgen.io_utils import read_jsonl, write_jsonl
+    from synthgen.io_utils import write_jsonl
+    from synthgen.pool import read_pool
 
-    rows = read_jsonl(chips_dir / "manifest.jsonl")
+    rows = read_pool(chips_dir)
 
     def held_out(src: str) -> bool:
         return int(hashlib.sha1(src.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF < val_fraction

@@ -66,6 +66,7 @@ from synthgen.io_utils import (
     write_json,
     write_jsonl,
 )
+from synthgen.pool import MANIFEST, read_pool, read_pool_lines
 
 RASTER_EXT = {".tif", ".tiff"}
 IMAGE_EXT = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
@@ -128,16 +129,14 @@ def load_pool(pools: list[Path], names: list[str]) -> list[dict]:
     label outside the dataset's names is an error naming the manifest line."""
     items = []
     for pool in pools:
-        man = Path(pool) / "manifest.jsonl"
-        if not man.is_file():
-            raise SynthgenError(f"{pool}: no manifest.jsonl (an instance pool needs one)")
-        for i, row in enumerate(read_jsonl(man), 1):
+        man = Path(pool) / MANIFEST
+        for i, row in read_pool_lines(pool, missing="an instance pool needs one"):
             if row.get("kept") is False:
                 continue  # rejected by `synthgen filter`
             if not row.get("taxon"):
-                raise SynthgenError(f"{man}:{i}: chip {row.get('file')!r} has no taxon")
-            f = Path(pool) / str(row.get("file", ""))
-            if not row.get("file") or not f.is_file():
+                raise SynthgenError(f"{man}:{i}: chip {row['file']!r} has no taxon")
+            f = Path(pool) / row["file"]
+            if not f.is_file():
                 raise SynthgenError(f"{man}:{i}: chip file {f} not found")
             label = row.get("label")
             if label not in names:
@@ -550,7 +549,7 @@ def augment_dataset(dataset: str | Path, pools: str | Path | list, out: str | Pa
         return _augment_painting(ds, names, Path(generator), paint, out, cfg, image_list, n_images, workers,
                                  preview, on_error)
     if not names:  # bare background tiles: the pools' labels are the classes
-        names = sorted({str(r.get("label")) for p in pools for r in read_jsonl(p / "manifest.jsonl")})
+        names = sorted({str(r.get("label")) for p in pools for r in read_pool(p)})
     items = load_pool(pools, names)
     out.mkdir(parents=True, exist_ok=True)
 
@@ -662,7 +661,7 @@ def _pool_summary(pools: list[Path], items: list[dict], recs: list[dict], prov: 
         mine = [rec for it, rec in zip(items, recs, strict=True) if it["pool"] == key]
         out[str(pool)] = {
             "instances": len(mine),
-            "filtered_out": sum(r.get("kept") is False for r in read_jsonl(Path(pool) / "manifest.jsonl")),
+            "filtered_out": sum(r.get("kept") is False for r in read_pool(pool)),
             "masks_rejected": dict(Counter(_reason_kind(r["reason"]) for r in mine if not r["mask"]).most_common()),
             "pasted": pasted[key]}
     return out

@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from synthgen.errors import SynthgenError
-from synthgen.io_utils import read_jsonl
+from synthgen.pool import MANIFEST, read_pool
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"}
 RANK_ORDER = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
@@ -18,13 +18,9 @@ RANK_ORDER = ("kingdom", "phylum", "class", "order", "family", "genus", "species
 
 def load_rows(data_dir: Path, split: str, taxon: str | None = None, label: str | None = None) -> list[dict]:
     """Chips manifest rows of `split` (optionally one taxon); an image folder gives rows for every image."""
-    manifest = data_dir / "manifest.jsonl"
+    manifest = data_dir / MANIFEST
     if manifest.is_file():
-        rows = read_jsonl(manifest)
-        for i, r in enumerate(rows, 1):
-            if "file" not in r:
-                raise SynthgenError(f"{manifest}:{i}: row has no 'file'")
-        rows = [r for r in rows if r.get("split", split) == split]
+        rows = [r for r in read_pool(data_dir) if r.get("split", split) == split]
         if taxon:
             rows = [r for r in rows if taxon.lower() in {str(r.get("taxon", "")).lower(), str(r.get("label", "")).lower()}]
         if not rows:

@@ -19,7 +19,7 @@ import torch
 from PIL import Image
 
 from synthgen.errors import SynthgenError
-from synthgen.io_utils import read_jsonl
+from synthgen.pool import read_pool
 
 RANKS = ("kingdom", "phylum", "class", "order", "family", "genus", "species")
 
@@ -132,14 +132,7 @@ class Pool:
     @classmethod
     def load(cls, folder: str | os.PathLike, split: str | None = None) -> Pool:
         root = Path(folder)
-        man = root / "manifest.jsonl"
-        if not man.is_file():
-            raise ScoringError(f"{man}: no manifest.jsonl in pool folder {root}")
-        rows = read_jsonl(man)
-        for i, r in enumerate(rows, 1):
-            missing = [k for k in ("file", "label", "taxon") if not r.get(k)]
-            if missing:
-                raise ScoringError(f"{man}:{i}: row lacks {', '.join(missing)}")
+        rows = read_pool(root, require=("file", "label", "taxon"), missing=f"no manifest.jsonl in pool folder {root}")
         if split is not None:
             rows = [r for r in rows if r.get("split") == split]
         return cls(root, rows)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from PIL import Image
 
 from synthgen.augment import flip_rotate
 from synthgen.errors import SynthgenError
+from synthgen.pool import MANIFEST, read_pool_lines
 
 
 @dataclass
@@ -32,20 +32,13 @@ class ChipSet:
 def load_chips(folder: str | Path, size: int, split: str | None = "train") -> ChipSet:
     """Read a chips/pool folder (manifest.jsonl with file, taxon, lineage) resized to size x size."""
     folder = Path(folder)
-    manifest = folder / "manifest.jsonl"
-    if not manifest.exists():
-        raise SynthgenError(f"{manifest}: not found; make chips with `synthgen data chips`")
+    manifest = folder / MANIFEST
     rows: list[tuple[int, dict]] = []
-    for i, line in enumerate(manifest.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-            row["file"], row["taxon"] = row["file"], row.get("taxon") or row["label"]
-        except (json.JSONDecodeError, KeyError, TypeError) as e:
-            raise SynthgenError(f"{manifest}:{i}: bad manifest row ({e!r})") from e
+    for i, row in read_pool_lines(folder, missing="make chips with `synthgen data chips`"):
+        if not (row.get("taxon") or row.get("label")):
+            raise SynthgenError(f"{manifest}:{i}: row lacks taxon and label")
         if not split or row.get("split", split) == split:
-            rows.append((i, row))
+            rows.append((i, row | {"taxon": row.get("taxon") or row["label"]}))
     imgs, lineages, taxa, labels = [], [], [], []
     for i, row in rows:  # every row is checked before any image is read
         path = folder / row["file"]

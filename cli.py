@@ -181,6 +181,8 @@ def data_chips_cmd(
     cfg = ChipConfig(size=size, margin=margin, pad=pad, min_box=min_box, max_per_class=max_per_class, seed=seed)
     ds = read_dataset(path, fmt=fmt, on_error=on_error, splits=None if split == "all" else [split], pixel_y=pixel_y)
     sp = None if split == "all" else split
+    if sp is not None and ds.images.empty:  # the split filter read nothing: read all, so the error names them
+        ds = read_dataset(path, fmt=fmt, on_error=on_error, pixel_y=pixel_y)
     if background is not None:
         s = make_background_chips(ds, out, background or None, cfg, split=sp, on_error=on_error)
     else:

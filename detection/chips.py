@@ -103,7 +103,8 @@ def _split_dataset(data: str | Path | DetectionDataset, split: str | None, on_er
         data, on_error=on_error, splits=None if split is None else [split])
     if split is not None:
         if split not in ds.splits:
-            raise DataError(f"{ds.root}: no split {split!r} (has {ds.splits})", file=ds.root)
+            have = ds.splits if isinstance(data, DetectionDataset) else read_dataset(data, on_error="skip").splits
+            raise DataError(f"{ds.root}: no split {split!r} (has {', '.join(have) or 'none'})", file=ds.root)
         ds = ds.subset(split)
     return ds
 

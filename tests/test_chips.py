@@ -189,3 +189,12 @@ def test_two_images_one_stem_get_their_own_chips(small, tmp_path):
     files = sorted(str(p.relative_to(tmp_path / "chips")) for p in (tmp_path / "chips").rglob("*.png"))
     assert s["written"] == len(rows) == len(files) == len(ds.boxes) and sorted(r["file"] for r in rows) == files
     assert len({r["source_image"] for r in rows if stem in r["file"]}) == 2
+
+
+def test_a_misspelt_split_names_the_splits_there_are(seals, tmp_path):
+    """`--split tarin` answered "has []": the split filter had read nothing to list."""
+    r = CliRunner().invoke(app, ["data", "chips", str(seals), "--out", str(tmp_path / "c"), "--split", "tarin"])
+    assert r.exit_code == 1 and "no split 'tarin' (has train, val)" in r.output
+    assert len(r.output.strip().splitlines()) == 1
+    with pytest.raises(DataError, match=r"has train, val"):
+        make_chips(seals, tmp_path / "d", ChipConfig(size=16), split="tarin", progress=False)

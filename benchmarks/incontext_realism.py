@@ -25,6 +25,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from detection import read_dataset
+from synthgen.compose.config import ComposeConfig
+from synthgen.compose.placement import color_habitat
 from synthgen.incontext.generator import InContextGenerator, PaintConfig, Placement, sample_placements
 from synthgen.incontext.windows import corners_of, cut_window, grow, hole_mask, source_groups
 from synthgen.io_utils import atomic_save_image, write_json
@@ -48,7 +50,8 @@ def load_tiles(data: str, split: str, group_pattern: str | None):
 
 
 def shifted_places(tile_wh: tuple[int, int], corners: list[np.ndarray], margin: float, per_tile: int,
-                   rng: np.random.Generator, tries: int = 100) -> list[np.ndarray]:
+                   rng: np.random.Generator, tries: int = 100, habitat: np.ndarray | None = None,
+                   min_fraction: float = 0.85) -> list[np.ndarray]:
     """New places beside the tile's labelled seals: a seal's box moved 1-2.5 of its lengths in a
     random direction and turned at random, kept whole on the tile and clear of every labelled seal
     and of each other. The surroundings stay those seals choose (haul-out ice), so the classifier
@@ -76,6 +79,11 @@ def shifted_places(tile_wh: tuple[int, int], corners: list[np.ndarray], margin: 
         poly = Polygon(hole)
         if any(poly.intersects(t) for t in taken):
             continue
+        if habitat is not None:  # the compose rule: the animal's own pixels on habitat (ice)
+            m = np.zeros(habitat.shape, np.uint8)
+            cv2.fillPoly(m, [np.round(cand).astype(np.int32)], 1)
+            if habitat[m > 0].mean() < min_fraction:
+                continue
         taken.append(poly)
         out.append(cand)
     return out
@@ -122,6 +130,8 @@ def main() -> None:
     ap.add_argument("--split", default="val", help="held-out split (never trained on)")
     ap.add_argument("--train-split", default="train", help="where copy-paste takes its real seals")
     ap.add_argument("--per-tile", type=int, default=3)
+    ap.add_argument("--habitat", help="compose config whose colour habitat rule the shifted places must meet "
+                    "(e.g. configs/compose/glacierbay-seals.yaml: seals on ice)")
     ap.add_argument("--placement", choices=["shifted", "anywhere"], default="shifted",
                     help="shifted: beside the tile's labelled seals; anywhere: uniform over the tile (ice or water)")
     ap.add_argument("--steps", type=int, default=25)
@@ -150,6 +160,7 @@ def main() -> None:
     counts = json.loads((Path(args.model) / "taxon_counts.json").read_text()) if args.model else None
     lineage = next(iter(counts.values()))["lineage"] if counts else _lineage_from_config(args.config, label)
     rng = np.random.default_rng(args.seed)
+    hcfg = ComposeConfig.from_yaml(args.habitat).habitat if args.habitat else None
     cfg = PaintConfig(steps=args.steps, guidance={"mode": "cfg", "scale": args.scale}, seed=args.seed)
 
     real, painted, pasted, grey = [], [], [], []
@@ -162,7 +173,9 @@ def main() -> None:
             if hole.min() >= 0 and hole[:, 0].max() <= w and hole[:, 1].max() <= h:
                 real.append(window_of(gen, rgb, c)[0])
         if args.placement == "shifted":
-            places = shifted_places((w, h), corners, gen.window.margin, args.per_tile, rng)
+            habitat = color_habitat(rgb, hcfg) > 0 if hcfg is not None else None
+            places = shifted_places((w, h), corners, gen.window.margin, args.per_tile, rng, 300, habitat,
+                                    hcfg.min_fraction if hcfg is not None else 0.0)
         else:
             places = sample_placements((w, h), corners, shapes, args.per_tile, gen.window.margin, rng)
         if not places:
@@ -191,7 +204,7 @@ def main() -> None:
     results = {"real_windows": len(real), "painted_windows": len(painted), "tiles": len(tiles),
                "model": args.model or args.checkpoint, "ema": not args.raw, "steps": args.steps, "scale": args.scale,
                "paint_tiles_per_s": painted_tiles / paint_seconds if paint_seconds else None,
-               "instances_per_tile": args.per_tile, "placement": args.placement}
+               "instances_per_tile": args.per_tile, "placement": args.placement, "habitat": args.habitat}
     for name, imgs in [("painted", painted), ("copy_paste", pasted), ("grey_hole", grey)]:
         r = realism(pil(real), pil(imgs), seed=args.seed, floor=name == "painted")
         results[name] = r["generated"]
@@ -203,7 +216,8 @@ def main() -> None:
 
     lines = [f"# In-context seals: realism on held-out tiles ({results['model']})", "",
              f"{len(real)} real seal windows of the `{args.split}` split against {len(painted)} painted at new places "
-             f"on the same tiles ({args.per_tile} per tile, placement `{args.placement}`); {args.steps} DDIM steps, CFG {args.scale}; features "
+             f"on the same tiles ({args.per_tile} per tile, placement `{args.placement}`"
+             f"{f', habitat rule of `{args.habitat}`' if args.habitat else ''}); {args.steps} DDIM steps, CFG {args.scale}; features "
              f"{results['features']}.", "",
              "| route | two-sample accuracy (95% CI) | FD | KID x1e3 | precision | recall |", "|---|---|---|---|---|---|"]
     for name in ["floor", "painted", "copy_paste", "grey_hole"]:

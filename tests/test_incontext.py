@@ -199,3 +199,18 @@ def test_augment_dataset_paints_into_tiles(tiny_model, tmp_path):
     assert again.exit_code == 0 and len(read_jsonl(out / "provenance.jsonl")) == len(prov)
     both = CliRunner().invoke(app, [*args, "--pool", str(tmp_path)])
     assert both.exit_code == 1 and "not both" in both.output
+
+
+def test_a_taxon_no_shipped_model_knows_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from cli import app
+    from synthgen.shipped import model_for, shipped_models
+
+    assert "glacierbay-seals-incontext" in shipped_models()
+    assert model_for("Phoca vitulina").name == "glacierbay-seals-incontext"  # any name in its lineage
+    assert model_for("seal") == model_for("Phocidae")
+    r = CliRunner().invoke(app, ["generate", "--taxon", "Megaptera", "--n", "5", "--out", str(tmp_path / "p")])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1
+    assert "no shipped model draws 'Megaptera'" in r.output and "synthgen train --config" in r.output
+    assert "glacierbay-seals-incontext (Phoca vitulina)" in r.output

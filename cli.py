@@ -498,7 +498,7 @@ def augment_dataset_cmd(
                       f"{sum(p['masks_rejected'].values())} masks rejected" + (f" ({why})" if why else "")
                       + (f"; {p['filtered_out']} rejected by the filter" if p["filtered_out"] else ""),
                       soft_wrap=True, highlight=False)
-    console.print(f"{r.n_tiles} tiles, {r.n_pasted} instances pasted ({r.n_skipped_instances} found no place, "
+    console.print(f"{r.n_tiles} tiles, {r.n_pasted} instances {'painted' if generator is not None else 'pasted'} ({r.n_skipped_instances} found no place, "
                   f"{r.n_masks_rejected} pool masks rejected, {r.n_empty} tiles with nothing placed not written, "
                   f"{len(r.problems)} backgrounds skipped) -> {r.data_yaml}")
 

@@ -28,7 +28,7 @@ from detection import read_dataset
 from synthgen.compose.config import ComposeConfig
 from synthgen.compose.placement import color_habitat
 from synthgen.incontext.generator import InContextGenerator, PaintConfig, Placement, sample_placements
-from synthgen.incontext.windows import corners_of, cut_window, grow, hole_mask, source_groups
+from synthgen.incontext.windows import corners_of, grow, on_tile, one_per_group
 from synthgen.io_utils import atomic_save_image, write_json
 from synthgen.metrics.realism import realism
 
@@ -37,64 +37,29 @@ def load_tiles(data: str, split: str, group_pattern: str | None):
     """(path, RGB array, [corners]) per image of `split`, one per source group."""
     ds = read_dataset(data)
     ds = ds.subset(split)
-    paths = sorted(ds.images.image_path)
-    keep: dict[str, str] = {}
-    for p, g in zip(paths, source_groups(paths, group_pattern), strict=True):
-        keep.setdefault(g, p)
     tiles = []
-    for p in keep.values():
+    for p in one_per_group(list(ds.images.image_path), group_pattern):
         rgb = cv2.cvtColor(cv2.imread(p, cv2.IMREAD_COLOR), cv2.COLOR_BGR2RGB)
         boxes = ds.boxes[ds.boxes.image_path == p]
         tiles.append((p, rgb, [corners_of(b) for b in boxes.itertuples()], list(boxes.label)))
     return tiles
 
 
-def shifted_places(tile_wh: tuple[int, int], corners: list[np.ndarray], margin: float, per_tile: int,
-                   rng: np.random.Generator, tries: int = 100, habitat: np.ndarray | None = None,
-                   min_fraction: float = 0.85) -> list[np.ndarray]:
-    """New places beside the tile's labelled seals: a seal's box moved 1-2.5 of its lengths in a
-    random direction and turned at random, kept whole on the tile and clear of every labelled seal
-    and of each other. The surroundings stay those seals choose (haul-out ice), so the classifier
-    compares animals, not ice with open water."""
-    from shapely.geometry import Polygon
-
+def shifted_proposer(corners: list[np.ndarray]):
+    """Candidates beside the tile's labelled seals: a seal's box moved 1-2.5 of its lengths in a random
+    direction and turned at random. The surroundings stay those seals choose (haul-out ice), so the
+    classifier compares animals, not ice with open water."""
     from synthgen.incontext.generator import oriented_box
 
-    w, h = tile_wh
-    taken = [Polygon(grow(c, margin)) for c in corners]
-    out: list[np.ndarray] = []
-    for _ in range(tries):
-        if len(out) >= per_tile or not corners:
-            break
+    def propose(rng: np.random.Generator) -> np.ndarray:
         c = corners[int(rng.integers(len(corners)))]
-        long = float(np.linalg.norm(c[1] - c[0]))
-        short = float(np.linalg.norm(c[2] - c[1]))
-        long, short = max(long, short), min(long, short)
+        a, b = float(np.linalg.norm(c[1] - c[0])), float(np.linalg.norm(c[2] - c[1]))
+        long, short = max(a, b), min(a, b)
         theta = rng.uniform(0, 2 * np.pi)
         centre = c.mean(0) + rng.uniform(1.0, 2.5) * long * np.array([np.cos(theta), np.sin(theta)])
-        cand = oriented_box(tuple(centre), long, short, rng.uniform(0, np.pi))
-        hole = grow(cand, margin)
-        if hole.min() < 0 or hole[:, 0].max() > w or hole[:, 1].max() > h:
-            continue
-        poly = Polygon(hole)
-        if any(poly.intersects(t) for t in taken):
-            continue
-        if habitat is not None:  # the compose rule: the animal's own pixels on habitat (ice)
-            m = np.zeros(habitat.shape, np.uint8)
-            cv2.fillPoly(m, [np.round(cand).astype(np.int32)], 1)
-            if habitat[m > 0].mean() < min_fraction:
-                continue
-        taken.append(poly)
-        out.append(cand)
-    return out
+        return oriented_box(tuple(centre), long, short, rng.uniform(0, np.pi))
 
-
-def window_of(gen: InContextGenerator, tile: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The model-size window the generator uses for a hole at `corners`, and its hole mask."""
-    h, w = tile.shape[:2]
-    origin, native = gen.window_for(corners, (w, h))
-    rgb, _ = cut_window(tile, origin, native, gen.model.sample_size)
-    return rgb, hole_mask(grow(corners, gen.window.margin), origin, native, gen.model.sample_size)
+    return propose
 
 
 def copy_paste(tile: np.ndarray, target: np.ndarray, source_tile: np.ndarray, source: np.ndarray, margin: float
@@ -170,12 +135,13 @@ def main() -> None:
         h, w = rgb.shape[:2]
         for c in corners:  # real seals in the generator's window
             hole = grow(c, gen.window.margin)
-            if hole.min() >= 0 and hole[:, 0].max() <= w and hole[:, 1].max() <= h:
-                real.append(window_of(gen, rgb, c)[0])
+            if on_tile(hole, (w, h)):
+                real.append(gen.cut(rgb, c)[0])
         if args.placement == "shifted":
             habitat = color_habitat(rgb, hcfg) > 0 if hcfg is not None else None
-            places = shifted_places((w, h), corners, gen.window.margin, args.per_tile, rng, 300, habitat,
-                                    hcfg.min_fraction if hcfg is not None else 0.0)
+            places = sample_placements((w, h), corners, shapes, args.per_tile, gen.window.margin, rng, 300,
+                                       shifted_proposer(corners), habitat,
+                                       hcfg.min_fraction if hcfg is not None else 0.0) if corners else []
         else:
             places = sample_placements((w, h), corners, shapes, args.per_tile, gen.window.margin, rng)
         if not places:
@@ -191,9 +157,9 @@ def main() -> None:
             d_rgb, d_c = donor_seals[int(rng.integers(len(donor_seals)))]
             pasted_tile = copy_paste(pasted_tile, c, d_rgb, d_c, gen.window.margin)
         for c in places:
-            painted.append(window_of(gen, painted_tile, c)[0])
-            pasted.append(window_of(gen, pasted_tile, c)[0])
-            win, m = window_of(gen, rgb, c)
+            painted.append(gen.cut(painted_tile, c)[0])
+            pasted.append(gen.cut(pasted_tile, c)[0])
+            win, m = gen.cut(rgb, c)[:2]
             grey.append(np.where(m[..., None].astype(bool), win[m == 0].mean(0).astype(np.uint8), win))
         if len(previews) < 4 and len(places) >= 2:
             previews.append((painted_tile, places))

@@ -25,7 +25,15 @@ from synthgen.config import YamlConfig
 from synthgen.errors import SynthgenError
 from synthgen.generator import register_generator, write_index
 from synthgen.guidance import GuidanceConfig, reference_codes
-from synthgen.incontext.windows import WindowConfig, context_of, corners_of, cut_window, grow, hole_mask
+from synthgen.incontext.windows import (
+    WindowConfig,
+    context_of,
+    corners_of,
+    cut_window,
+    grow,
+    hole_mask,
+    on_tile,
+)
 from synthgen.io_utils import write_json
 
 SHAPES_FILE = "shapes.json"
@@ -72,25 +80,39 @@ def oriented_box(center: tuple[float, float], long: float, short: float, angle: 
 
 
 def sample_placements(tile_wh: tuple[int, int], occupied: list[np.ndarray], shapes: list[list[float]], n: int,
-                      margin: float, rng: np.random.Generator, tries: int = 200) -> list[np.ndarray]:
-    """Up to n oriented boxes whose grown holes lie inside the tile and overlap neither a labelled
-    animal (`occupied`, grown the same) nor each other; shapes drawn from the training labels."""
+                      margin: float, rng: np.random.Generator, tries: int = 200, propose=None,
+                      habitat: np.ndarray | None = None, min_fraction: float = 0.0) -> list[np.ndarray]:
+    """Up to n oriented boxes whose grown holes lie on the tile and overlap neither a labelled animal
+    (`occupied`, grown the same) nor each other, with at least `min_fraction` of the animal's pixels
+    on `habitat` where given. Candidates come from `propose(rng)`, by default a shape drawn from the
+    training labels at a uniform place and angle."""
+    import cv2
     from shapely.geometry import Polygon
 
     w, h = tile_wh
+
+    def uniform(rng: np.random.Generator) -> np.ndarray:
+        long, short = shapes[int(rng.integers(len(shapes)))]
+        return oriented_box((rng.uniform(0, w), rng.uniform(0, h)), long, short, rng.uniform(0, np.pi))
+
+    propose = propose or uniform
     taken = [Polygon(grow(c, margin)) for c in occupied]
     out: list[np.ndarray] = []
     for _ in range(tries):
         if len(out) >= n:
             break
-        long, short = shapes[int(rng.integers(len(shapes)))]
-        corners = oriented_box((rng.uniform(0, w), rng.uniform(0, h)), long, short, rng.uniform(0, np.pi))
+        corners = propose(rng)
         hole = grow(corners, margin)
-        if hole.min() < 0 or hole[:, 0].max() > w or hole[:, 1].max() > h:
+        if not on_tile(hole, tile_wh):
             continue
         poly = Polygon(hole)
         if any(poly.intersects(t) for t in taken):
             continue
+        if habitat is not None:
+            m = np.zeros(habitat.shape, np.uint8)
+            cv2.fillPoly(m, [np.round(corners).astype(np.int32)], 1)
+            if habitat[m > 0].mean() < min_fraction:
+                continue
         taken.append(poly)
         out.append(corners)
     return out
@@ -228,6 +250,13 @@ class InContextGenerator:
             origin.append(int(min(max(o, 0), max(extent - native, 0))))
         return (origin[0], origin[1]), native
 
+    def cut(self, tile: np.ndarray, corners: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int], int]:
+        """(window, hole mask, origin, native side): what the model sees of a hole at `corners`."""
+        origin, native = self.window_for(corners, (tile.shape[1], tile.shape[0]))
+        s = self.model.sample_size
+        return (cut_window(tile, origin, native, s)[0], hole_mask(grow(corners, self.window.margin), origin, native, s),
+                origin, native)
+
     def paint_tile(self, tile: np.ndarray, placements: list[Placement], cfg: PaintConfig | None = None
                    ) -> tuple[np.ndarray, list[np.ndarray]]:
         """The tile with every placement painted in (one batch), and the painted windows (model size)."""
@@ -237,16 +266,14 @@ class InContextGenerator:
         if not placements:
             return tile, []
         h, w = tile.shape[:2]
-        s = self.model.sample_size
         wins, holes, where = [], [], []
         for p in placements:
             hole = grow(p.corners, self.window.margin)
-            if hole.min() < 0 or hole[:, 0].max() > w or hole[:, 1].max() > h:
+            if not on_tile(hole, (w, h)):
                 raise SynthgenError(f"hole {np.round(p.corners, 1).tolist()} lies off the {w}x{h} tile")
-            origin, native = self.window_for(p.corners, (w, h))
-            rgb, _ = cut_window(tile, origin, native, s)
+            rgb, m, origin, native = self.cut(tile, p.corners)
             wins.append(rgb)
-            holes.append(hole_mask(hole, origin, native, s))
+            holes.append(m)
             where.append((origin, native, hole))
         painted = self.paint(np.stack(wins), np.stack(holes), [p.lineage for p in placements],
                              [p.seed for p in placements], cfg)
@@ -332,9 +359,7 @@ class InContextGenerator:
                                 break
                         else:
                             raise SynthgenError(f"{cfg.backgrounds}: found no room for a {tg.label} in 20 tiles")
-                        origin, native = self.window_for(places[0], (w, h))
-                        rgb, _ = cut_window(tile, origin, native, self.model.sample_size)
-                        hole = hole_mask(grow(places[0], self.window.margin), origin, native, self.model.sample_size)
+                        rgb, hole, origin, native = self.cut(tile, places[0])
                         batch.append((i, seed, tg, path, places[0], origin, native, rgb, hole))
                     painted = self.paint(np.stack([b[7] for b in batch]), np.stack([b[8] for b in batch]),
                                          [b[2].lineage for b in batch], [b[1] for b in batch], cfg)

@@ -116,6 +116,19 @@ def source_groups(paths: list[str], pattern: str | None) -> list[str]:
     return out
 
 
+def one_per_group(paths: list[str], pattern: str | None) -> list[str]:
+    """The first image (sorted) of each source group: augmented copies of one tile count once."""
+    keep: dict[str, str] = {}
+    for p, g in zip(sorted(paths), source_groups(sorted(paths), pattern), strict=True):
+        keep.setdefault(g, p)
+    return list(keep.values())
+
+
+def on_tile(poly: np.ndarray, tile_wh: tuple[int, int]) -> bool:
+    """Whether every corner of `poly` (tile px) lies on the tile."""
+    return bool(poly.min() >= 0 and poly[:, 0].max() <= tile_wh[0] and poly[:, 1].max() <= tile_wh[1])
+
+
 @dataclass
 class WindowSet:
     """Training windows in memory (uint8): images [N,3,S,S], holes [N,1,S,S], valid [N,1,S,S]."""
@@ -161,12 +174,8 @@ def load_windows(data: str | Path, taxonomy: str | Path | None, cfg: WindowConfi
         if split not in ds.splits:
             raise SynthgenError(f"{data}: no split {split!r} (has {', '.join(ds.splits)})")
         ds = ds.subset(split)
-    paths = sorted(ds.images.image_path)
-    groups = source_groups(paths, cfg.group_pattern)
-    keep: dict[str, str] = {}
-    for p, gk in zip(paths, groups, strict=True):
-        keep.setdefault(gk, p)
-    ds = ds.subset(images=list(keep.values()))
+    keep = one_per_group(list(ds.images.image_path), cfg.group_pattern)
+    ds = ds.subset(images=keep)
     if ds.boxes.empty:
         raise SynthgenError(f"{data}: no labelled instances in split {split!r}")
     lineage_of: dict[str, tuple[str, dict[str, str]]] = {}

@@ -23,9 +23,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from detection.dataset import group_ids
 from detection.train import DetectorTrainConfig, train_detector, write_data_yaml
 from synthgen.benchmark.data import load_dataset, write_list
-from synthgen.benchmark.splits import draw_fraction, group_ids
+from synthgen.benchmark.splits import draw_fraction
 from synthgen.io_utils import atomic_write, write_json
 
 REPO = Path(__file__).resolve().parents[1]

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
 import warnings
 import xml.etree.ElementTree as ET
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -88,6 +90,18 @@ class _Collector:
         if self.on_error == "raise":
             raise DataError(f"{where}: {reason}", file=file, line=line, reason=reason)
         self.problems.append({"file": str(file), "line": line, "reason": reason})
+
+
+def group_ids(image_paths: Sequence[str], pattern: str | None) -> list[str]:
+    """Source group per image: the regex's first group on the file name, matched case-insensitively
+    and lower-cased (Roboflow writes both `_jpg.rf.` and `_JPG.rf.`), else the file stem. Augmented
+    copies of one source tile share a group."""
+    rx = re.compile(pattern, re.IGNORECASE) if pattern else None
+    out = []
+    for p in image_paths:
+        m = rx.search(Path(p).name) if rx else None
+        out.append(m.group(1).lower() if m else Path(p).stem)
+    return out
 
 
 def canonical_split(s: str) -> str:

@@ -7,10 +7,11 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from detection.dataset import group_ids
 from synthgen.benchmark.config import BenchmarkConfig
 from synthgen.benchmark.data import load_dataset
 from synthgen.benchmark.pipeline import make_split
-from synthgen.benchmark.splits import draw_fraction, group_ids, split_by_group, tile_and_frame_ids
+from synthgen.benchmark.splits import draw_fraction, split_by_group, tile_and_frame_ids
 from synthgen.errors import ConfigError
 
 SEAL_PATTERN = r"^(.+?)_jpg\.rf\."

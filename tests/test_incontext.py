@@ -9,6 +9,7 @@ import pytest
 import torch
 import yaml
 
+from detection.dataset import group_ids
 from synthgen.errors import SynthgenError
 from synthgen.incontext.generator import (
     InContextGenerator,
@@ -17,7 +18,7 @@ from synthgen.incontext.generator import (
     oriented_box,
     sample_placements,
 )
-from synthgen.incontext.windows import WindowConfig, cut_window, grow, hole_mask, place_window, source_groups
+from synthgen.incontext.windows import WindowConfig, cut_window, grow, hole_mask, one_per_group, place_window
 
 SEALS = Path(__file__).resolve().parents[2] / "shared" / "data" / "glacierbay-seals"
 TAXONOMY = Path(__file__).resolve().parents[1] / "configs" / "taxonomy" / "glacierbay-seals.csv"
@@ -25,7 +26,8 @@ TAXONOMY = Path(__file__).resolve().parents[1] / "configs" / "taxonomy" / "glaci
 
 def test_source_groups_are_case_insensitive():
     names = ["a_jpg.rf.1.jpg", "A_JPG.rf.2.jpg", "b_JPG.rf.3.jpg", "c.jpg"]
-    assert source_groups(names, r"^(.+?)_jpg\.rf\.") == ["a", "a", "b", "c.jpg"]
+    assert group_ids(names, r"^(.+?)_jpg\.rf\.") == ["a", "a", "b", "c"]
+    assert one_per_group(names, r"^(.+?)_jpg\.rf\.") == ["A_JPG.rf.2.jpg", "b_JPG.rf.3.jpg", "c.jpg"]
 
 
 def test_window_holds_the_instance_inside_the_tile():

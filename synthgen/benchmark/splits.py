@@ -16,16 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-
-def group_ids(image_paths: Sequence[str], pattern: str | None) -> list[str]:
-    """Id per image: the regex's first group on the file name (case-insensitive: Roboflow writes
-    both `_jpg.rf.` and `_JPG.rf.`), else the file stem."""
-    rx = re.compile(pattern, re.IGNORECASE) if pattern else None
-    out = []
-    for p in image_paths:
-        m = rx.search(Path(p).name) if rx else None
-        out.append(m.group(1) if m else Path(p).stem)
-    return out
+from detection.dataset import group_ids
 
 
 def tile_and_frame_ids(image_paths: Sequence[str], tile: str | None, frame: str | None) -> tuple[list[str], list[str]]:

@@ -11,7 +11,6 @@ cannot, the padded pixels are marked so the loss leaves them out.
 from __future__ import annotations
 
 import math
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from detection.dataset import group_ids
 from synthgen.augment import flip_rotate
 from synthgen.errors import SynthgenError
 
@@ -104,22 +104,10 @@ def place_window(corners: np.ndarray, native: int, tile_wh: tuple[int, int], rng
     return origin[0], origin[1]
 
 
-def source_groups(paths: list[str], pattern: str | None) -> list[str]:
-    """Group key per image: the pattern's first group matched case-insensitively on the file name."""
-    if not pattern:
-        return list(paths)
-    rx = re.compile(pattern, re.IGNORECASE)
-    out = []
-    for p in paths:
-        m = rx.search(Path(p).name)
-        out.append(m.group(1).lower() if m else Path(p).name)
-    return out
-
-
 def one_per_group(paths: list[str], pattern: str | None) -> list[str]:
     """The first image (sorted) of each source group: augmented copies of one tile count once."""
     keep: dict[str, str] = {}
-    for p, g in zip(sorted(paths), source_groups(sorted(paths), pattern), strict=True):
+    for p, g in zip(sorted(paths), group_ids(sorted(paths), pattern), strict=True):
         keep.setdefault(g, p)
     return list(keep.values())
 

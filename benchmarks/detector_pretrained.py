@@ -10,6 +10,11 @@ rarest taxon); groups are Roboflow source images, so augmented copies of one pho
 
     OMP_NUM_THREADS=1 python benchmarks/detector_pretrained.py --minutes 2 --seeds 0 1 2 \
         --work runs/eyes/detector --out benchmarks/results/detector_pretrained
+
+`--curve EPOCHS --curve-model NAME` instead trains one model on seed 0's subset for EPOCHS epochs,
+validating after each, and adds that learning curve (mAP50 against epochs and CPU seconds) to the
+results: where the comparison's short budget sits on it, and whether longer training would reach a
+usable mAP50 at this fraction.
 """
 
 from __future__ import annotations
@@ -56,9 +61,9 @@ def last_row(results_csv: Path) -> dict:
             "curve": [float(r["metrics/mAP50(B)"]) for r in rows]}
 
 
-def run(name: str, model: str, data: Path, seed: int, epochs: int, imgsz: int, out: Path) -> dict:
+def run(name: str, model: str, data: Path, seed: int, epochs: int, imgsz: int, out: Path, val: bool = False) -> dict:
     cfg = DetectorTrainConfig(model=model, data=str(data), imgsz=imgsz, epochs=epochs, batch=16, seed=seed,
-                              device="cpu", workers=0, patience=epochs, overrides={"val": False})
+                              device="cpu", workers=0, patience=epochs, overrides={"val": val})
     t, w = time.process_time(), time.time()
     train_detector(cfg, out, verbose=False)
     res = last_row(out / "results.csv")
@@ -88,6 +93,14 @@ def markdown(res: dict) -> str:
                          f"{d['epoch_cpu_seconds'][m]:.0f} | {d['epochs'][m]} | {v.mean():.3f} ± "
                          f"{v.std(ddof=1) if len(v) > 1 else float('nan'):.3f} | "
                          f"{', '.join(f'{x:.3f}' for x in v)} |")
+    for ds, c in res.get("curves", {}).items():
+        lines += ["", f"## Learning curve: {ds}, {c['model']}, seed 0's {res['fraction']:.0%} subset "
+                  f"({c['train_images']} images), validated after every epoch", "",
+                  "| epoch | CPU s with per-epoch validation (about) | mAP50 |", "|---|---|---|"]
+        step = max(1, len(c["curve"]) // 15)
+        for i, m in enumerate(c["curve"]):
+            if i % step == 0 or i == len(c["curve"]) - 1:
+                lines.append(f"| {i + 1} | {c['cpu_seconds'] * (i + 1) / len(c['curve']):.0f} | {m:.3f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -100,8 +113,13 @@ def main() -> None:
     ap.add_argument("--imgsz", type=int, default=320)
     ap.add_argument("--work", type=Path, required=True)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--curve", type=int, help="only a learning curve of this many epochs (validated each epoch)")
+    ap.add_argument("--curve-model", choices=list(MODELS), default="lite0-imagenet")
     a = ap.parse_args()
     torch.set_num_threads(1)
+    if a.curve:
+        learning_curve(a)
+        return
     res = {"minutes": a.minutes, "imgsz": a.imgsz, "fraction": a.fraction, "seeds": a.seeds, "datasets": {},
            "command": "OMP_NUM_THREADS=1 python benchmarks/detector_pretrained.py " + " ".join(
                f"--{k} {' '.join(map(str, v)) if isinstance(v, list) else v}" for k, v in vars(a).items())}
@@ -122,6 +140,21 @@ def main() -> None:
     with atomic_write(a.out / "results.md", "w", encoding="utf-8") as f:
         f.write(markdown(res))
     print(markdown(res))
+
+
+def learning_curve(a) -> None:
+    """Add real-only mAP50 against epochs (seed 0's subset) to an existing results.json."""
+    res = json.loads((a.out / "results.json").read_text())
+    for ds in a.datasets:
+        data, n = subset_yaml(DATA / ds, a.fraction, 0, a.work / ds / "seed0")
+        r = run(a.curve_model, MODELS[a.curve_model], data, 0, a.curve, a.imgsz,
+                a.work / ds / f"curve-{a.curve_model}-{a.curve}", val=True)
+        res.setdefault("curves", {})[ds] = {"model": a.curve_model, "train_images": n, "curve": r["curve"],
+                                            "cpu_seconds": r["cpu_seconds"], "epochs": a.curve}
+        write_json(a.out / "results.json", res)
+        print(f"{ds}: mAP50 by epoch {', '.join(f'{m:.3f}' for m in r['curve'])}", flush=True)
+    with atomic_write(a.out / "results.md", "w", encoding="utf-8") as f:
+        f.write(markdown(res))
 
 
 if __name__ == "__main__":

@@ -116,6 +116,7 @@ def main() -> None:
     ap.add_argument("--curve", type=int, help="only a learning curve of this many epochs (validated each epoch)")
     ap.add_argument("--curve-model", choices=list(MODELS), default="lite0-imagenet")
     a = ap.parse_args()
+    a.work = a.work.resolve()  # data.yaml files name their lists relative to themselves
     torch.set_num_threads(1)
     if a.curve:
         learning_curve(a)

@@ -37,7 +37,8 @@ from detection import read_dataset
 from synthgen.compose.config import ComposeConfig
 from synthgen.compose.placement import color_habitat
 from synthgen.incontext.generator import InContextGenerator, PaintConfig, Placement, sample_placements
-from synthgen.incontext.windows import corners_of, grow, on_tile, one_per_group
+from synthgen.incontext.shapes import corners_of, shape_table
+from synthgen.incontext.windows import grow, on_tile, one_per_group
 from synthgen.io_utils import atomic_save_image, write_json
 from synthgen.metrics.realism import realism
 
@@ -95,12 +96,15 @@ def sheet(images: list[np.ndarray], cols: int, scale: int, title: str) -> Image.
 
 
 def ground_proposer(shapes: list[list[float]], tile_wh: tuple[int, int]):
-    """Candidates for ground views: a labelled size at a uniform place, upright (no rotation)."""
+    """Candidates for ground views: a labelled box at a uniform place, upright with its own width and
+    height (a standing penguin is taller than wide)."""
     from synthgen.incontext.generator import oriented_box
 
+    table = shape_table(shapes)
+
     def propose(rng: np.random.Generator) -> np.ndarray:
-        long, short = shapes[int(rng.integers(len(shapes)))]
-        return oriented_box((rng.uniform(0, tile_wh[0]), rng.uniform(0, tile_wh[1])), long, short, 0.0)
+        w, h = table[int(rng.integers(len(table))), 2:4]
+        return oriented_box((rng.uniform(0, tile_wh[0]), rng.uniform(0, tile_wh[1])), w, h, 0.0)
 
     return propose
 
@@ -179,6 +183,7 @@ def main() -> None:
     ap.add_argument("--split", default="val", help="held-out split (never trained on)")
     ap.add_argument("--train-split", default="train", help="where copy-paste takes its real animals")
     ap.add_argument("--per-tile", type=int, default=3)
+    ap.add_argument("--max-tiles", type=int, help="a seeded sample of this many held-out tiles (quicker comparisons)")
     ap.add_argument("--habitat", help="compose config whose colour habitat rule the shifted places must meet "
                     "(e.g. configs/compose/glacierbay-seals.yaml: seals on ice)")
     ap.add_argument("--placement", choices=["shifted", "anywhere"], default="shifted",
@@ -206,6 +211,9 @@ def main() -> None:
     out.mkdir(parents=True, exist_ok=True)
     pattern = gen.window.group_pattern
     tiles = load_tiles(args.data, args.split, pattern)
+    if args.max_tiles and args.max_tiles < len(tiles):
+        keep = np.random.default_rng(args.seed).choice(len(tiles), args.max_tiles, replace=False)
+        tiles = [tiles[i] for i in sorted(keep)]
     donors = load_tiles(args.data, args.train_split, pattern)
     labels = sorted(gen.shapes)
     donor_animals = {lab: [(rgb, c) for _, rgb, cs, ls in donors for c, lab2 in zip(cs, ls, strict=True) if lab2 == lab]

@@ -48,15 +48,20 @@ def child_cpu() -> float:
 
 
 def train(name: str, cfg: dict, work: Path) -> dict:
-    """Train one arm (resumes if killed); returns its CPU seconds (0 when it was already trained)."""
+    """Train one arm (a killed run resumes; its CPU seconds then count from the restart); returns its CPU
+    seconds, kept in the arm's folder so several processes can share one work folder."""
     folder = work / name
+    if (folder / "cpu.json").is_file():
+        return json.loads((folder / "cpu.json").read_text())
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder / "config.yaml", "w", encoding="utf-8") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
     t = child_cpu()
     subprocess.run([sys.executable, "-c", "from cli import app; app()", "train", "--config", str(folder / "config.yaml"),
                     "--out", str(folder / "model")], check=True, env=os.environ | {"OMP_NUM_THREADS": "1"})
-    return {"cpu_seconds": round(child_cpu() - t, 1)}
+    out = {"cpu_seconds": round(child_cpu() - t, 1)}
+    write_json(folder / "cpu.json", out)
+    return out
 
 
 def evaluate(name: str, args, model: Path, out: Path, raw_config: Path | None = None) -> dict:
@@ -87,9 +92,7 @@ def main() -> None:
     res |= {"config": str(args.config), "steps": args.steps, "max_tiles": args.max_tiles, "judge": str(args.judge)}
     for name in args.arms:
         cfg = arm_config(base, ARMS[name], args.steps)
-        arm = res["arms"].get(name, {})
-        if "cpu_seconds" not in arm or not arm["cpu_seconds"]:
-            arm |= train(name, cfg, args.work)
+        arm = res["arms"].get(name, {}) | train(name, cfg, args.work)
         arm["overrides"] = ARMS[name]
         arm["eval"] = evaluate(name, args, args.work / name / "model", args.work / name / "eval")
         res["arms"][name] = arm

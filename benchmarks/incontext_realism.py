@@ -37,7 +37,7 @@ from detection import read_dataset
 from synthgen.compose.config import ComposeConfig
 from synthgen.compose.placement import color_habitat
 from synthgen.incontext.generator import InContextGenerator, PaintConfig, Placement, sample_placements
-from synthgen.incontext.shapes import corners_of, shape_table
+from synthgen.incontext.shapes import corners_of
 from synthgen.incontext.windows import grow, on_tile, one_per_group
 from synthgen.io_utils import atomic_save_image, write_json
 from synthgen.metrics.realism import realism
@@ -95,16 +95,18 @@ def sheet(images: list[np.ndarray], cols: int, scale: int, title: str) -> Image.
     return out
 
 
-def ground_proposer(shapes: list[list[float]], tile_wh: tuple[int, int]):
-    """Candidates for ground views: a labelled box at a uniform place, upright with its own width and
-    height (a standing penguin is taller than wide)."""
+def ground_proposer(donors: list[tuple[np.ndarray, np.ndarray]], tile_wh: tuple[int, int]):
+    """Candidates for ground views: a real training box of the taxon, upright, its width and height kept
+    (scaled to this tile's width), at its own relative row (so the perspective of the labels holds) and
+    a uniform column."""
     from synthgen.incontext.generator import oriented_box
 
-    table = shape_table(shapes)
-
     def propose(rng: np.random.Generator) -> np.ndarray:
-        w, h = table[int(rng.integers(len(table))), 2:4]
-        return oriented_box((rng.uniform(0, tile_wh[0]), rng.uniform(0, tile_wh[1])), w, h, 0.0)
+        rgb, c = donors[int(rng.integers(len(donors)))]
+        (x0, y0), (x1, y1) = c.min(0), c.max(0)
+        k = tile_wh[0] / rgb.shape[1]
+        row = ((y0 + y1) / 2 / rgb.shape[0] + rng.normal(0, 0.05)) * tile_wh[1]
+        return oriented_box((rng.uniform(0, tile_wh[0]), row), (x1 - x0) * k, (y1 - y0) * k, 0.0)
 
     return propose
 
@@ -189,7 +191,7 @@ def main() -> None:
     ap.add_argument("--placement", choices=["shifted", "anywhere"], default="shifted",
                     help="shifted: beside the tile's labelled animals; anywhere: uniform over the tile")
     ap.add_argument("--view", choices=["nadir", "ground"], default="nadir",
-                    help="ground: upright animals (no rotation), as compose paints ground views")
+                    help="ground: upright animals with the width, height and row of real training boxes")
     ap.add_argument("--judge", help="a judge folder (synthgen train-judge): p_animal and taxon checks")
     ap.add_argument("--percentile", type=float, default=10.0, help="calibrated bar: this percentile of real")
     ap.add_argument("--steps", type=int, default=25)
@@ -252,7 +254,7 @@ def main() -> None:
                     break
                 propose = shifted_proposer(corners)
             else:
-                propose = ground_proposer(gen.shapes[lab], (w, h)) if args.view == "ground" else None
+                propose = ground_proposer(donor_animals[lab], (w, h)) if args.view == "ground" else None
             got = sample_placements((w, h), corners + places, gen.shapes[lab], 1, gen.window.margin, rng, 300,
                                     propose, habitat, hcfg.min_fraction if hcfg is not None else 0.0)
             if got:
